@@ -1,0 +1,107 @@
+"""The Attack contract shared by every attack (torchattacks style).
+
+``atk = PGD(model, eps=8/255, alpha=2/255, steps=5); x_adv = atk(x, y)``
+
+On every call the base class: validates the input (a float tensor (B, C, ...) in [0, 1], finite,
+labels (B,)), puts the model in eval mode and restores its previous mode afterwards, never
+mutates ``x``, seeds its own generator when ``seed`` is set, and checks that the result is in
+[0, 1].  Attacks differentiate with ``torch.autograd.grad`` w.r.t. the input only, so parameter
+``.grad`` fields are never touched.  Subclasses implement :meth:`perturb` alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import AbnnError
+
+__all__ = ["Attack", "InvalidInputError"]
+
+
+class InvalidInputError(AbnnError, ValueError):
+    """Input that no attack accepts (shape, range, NaN, labels)."""
+
+
+class Attack:
+    """Base class.  Keyword-only options, defaults from ``METHOD.md`` s. 4.
+
+    Args:
+        model: any ``nn.Module`` mapping [0, 1] inputs of shape (B, C, ...) to logits (B, K).
+        seed: when set, every call draws its randomness from a generator seeded with it, so the
+            same input gives the same adversarial example; ``None`` uses the global RNG.
+    """
+
+    def __init__(self, model: nn.Module, *, seed: int | None = None) -> None:
+        self.model = model
+        self.seed = seed
+
+    # subclasses implement this ---------------------------------------------------------------
+    def perturb(self, x: Tensor, y: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # the contract -----------------------------------------------------------------------------
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        self._validate(x, y)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.enable_grad():
+                x_adv = self.perturb(x.detach(), y.detach())
+        finally:
+            self.model.train(was_training)
+        return x_adv.detach()
+
+    forward = __call__
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """A fresh generator seeded with ``seed`` (or ``None`` for the global RNG)."""
+        if self.seed is None:
+            return None
+        g = torch.Generator(device=device)
+        g.manual_seed(self.seed)
+        return g
+
+    def loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Cross-entropy summed over the batch (the sum keeps per-sample gradients unscaled)."""
+        return F.cross_entropy(logits, y, reduction="sum")
+
+    def input_grad(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Gradient of :meth:`loss` w.r.t. ``x`` (a leaf copy is made) and the logits."""
+        x = x.detach().requires_grad_(True)
+        logits = self.model(x)
+        (grad,) = torch.autograd.grad(self.loss(logits, y), x)
+        return grad, logits.detach()
+
+    @staticmethod
+    def _validate(x: Tensor, y: Tensor) -> None:
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise InvalidInputError(f"x must be a float tensor of pixels in [0, 1], got {type(x).__name__} {getattr(x, 'dtype', '')}")
+        if x.dim() < 3:
+            raise InvalidInputError(f"x must have shape (B, C, ...) (images (B,C,H,W) or clips (B,C,T,H,W)), got {tuple(x.shape)}")
+        if not isinstance(y, Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
+            raise InvalidInputError(f"y must be integer labels of shape ({x.shape[0]},), got {getattr(y, 'dtype', type(y))} {tuple(getattr(y, 'shape', ()))}")
+        if not torch.isfinite(x).all():
+            raise InvalidInputError("x contains NaN or inf; attacks need finite pixels in [0, 1]")
+        lo, hi = x.min().item(), x.max().item()
+        if lo < 0 or hi > 1:
+            raise InvalidInputError(f"x must be pixels in [0, 1] (normalisation belongs inside the model); got range [{lo:.3g}, {hi:.3g}]")
+
+    def settings(self) -> dict[str, Any]:
+        """The attack's settings (for reports)."""
+        return {k: v for k, v in vars(self).items() if k != "model"}
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={_fmt(v)}" for k, v in self.settings().items())
+        return f"{type(self).__name__}({opts})"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float) and 0 < v < 1:
+        k = v * 255
+        if abs(k - round(k)) < 1e-6:
+            return f"{int(round(k))}/255"
+    return repr(v)

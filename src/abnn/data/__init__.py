@@ -1,0 +1,17 @@
+"""Datasets read in place from a data root (``--data-root`` or ``ABNN_DATA_ROOT``), kept as
+uint8 tensors in memory, and a batch loader with vectorised augmentation."""
+
+from .datasets import (
+    DATASETS,
+    ImageData,
+    load_cifar10,
+    load_dataset,
+    load_tinyimagenet32,
+    resolve_data_root,
+)
+from .loader import BatchLoader, augment_crop_flip
+
+__all__ = [
+    "DATASETS", "ImageData", "load_cifar10", "load_dataset", "load_tinyimagenet32", "resolve_data_root",
+    "BatchLoader", "augment_crop_flip",
+]

@@ -1,0 +1,159 @@
+"""CIFAR-10 and Tiny-ImageNet-32 from the ``.npz`` files of ``shared/data`` (see its README).
+
+Images stay uint8 (N, C, H, W) in memory (CIFAR-10 train: 60 MB); batches become float [0, 1]
+on the fly.  Where the CIFAR-10 npz files are absent, torchvision's CIFAR10 download is tried.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import AbnnError, DataNotFoundError
+
+ENV_VAR = "ABNN_DATA_ROOT"
+
+
+@dataclass
+class ImageData:
+    """A split held in memory: ``x`` uint8 (N, C, H, W), ``y`` int64 (N,)."""
+
+    x: Tensor
+    y: Tensor
+    num_classes: int
+    name: str
+    class_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.x) == 0:
+            raise AbnnError(f"dataset {self.name} is empty")
+        if self.x.dtype != torch.uint8 or self.x.dim() != 4:
+            raise AbnnError(f"dataset {self.name}: expected uint8 images (N, C, H, W), got {self.x.dtype} {tuple(self.x.shape)}")
+        if len(self.x) != len(self.y):
+            raise AbnnError(f"dataset {self.name}: {len(self.x)} images but {len(self.y)} labels")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def subset(self, n: int | None) -> "ImageData":
+        """The first ``n`` samples (files are stored in a seeded random order: prefixes are balanced)."""
+        if n is None or n >= len(self):
+            return self
+        if n <= 0:
+            raise AbnnError(f"asked for {n} samples of {self.name}; need at least 1")
+        return ImageData(self.x[:n], self.y[:n], self.num_classes, self.name, self.class_names)
+
+    def float_batch(self, idx: Tensor | slice) -> tuple[Tensor, Tensor]:
+        return self.x[idx].float().div_(255), self.y[idx]
+
+
+def resolve_data_root(data_root: str | os.PathLike | None = None) -> Path | None:
+    """``data_root`` if given, else ``$ABNN_DATA_ROOT``, else ``None``."""
+    root = data_root if data_root not in (None, "") else os.environ.get(ENV_VAR)
+    return Path(root).expanduser() if root else None
+
+
+def _nhwc_to_tensor(a: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+
+
+def _need(root: Path | None, files: list[str], dataset: str, alternative: str = "") -> Path:
+    if root is None:
+        raise DataNotFoundError(
+            f"no data root for {dataset}: pass --data-root DIR or set {ENV_VAR}=DIR to a folder holding {', '.join(files)}"
+            + alternative
+        )
+    missing = [f for f in files if not (root / f).is_file()]
+    if missing:
+        raise DataNotFoundError(f"{dataset}: {', '.join(missing)} not found in data root {root}" + alternative)
+    return root
+
+
+def load_cifar10(split: str = "train", data_root: str | os.PathLike | None = None, *,
+                 include_jpeg: bool = False, download_dir: str | os.PathLike | None = None) -> ImageData:
+    """CIFAR-10 from ``cifar10.npz`` (+ ``cifar10_train_extra.npz`` for train: 20,000 lossless
+    images; + the 30,000 JPEG-q75 images of ``cifar10_train_rest_jpeg.npz`` only with
+    ``include_jpeg``).  ``split="test"`` is the full 10,000-image test set.
+
+    Without the npz files, falls back to torchvision's CIFAR10 download into ``download_dir``
+    (default ``~/.cache/abnn/cifar10``); if that fails too, one error names both options.
+    """
+    if split not in ("train", "test"):
+        raise AbnnError(f"CIFAR-10 split must be 'train' or 'test', got {split!r}")
+    root = resolve_data_root(data_root)
+    files = ["cifar10.npz"] + (["cifar10_train_extra.npz"] if split == "train" else [])
+    if include_jpeg and split == "train":
+        files.append("cifar10_train_rest_jpeg.npz")
+    if root is not None and all((root / f).is_file() for f in files):
+        with np.load(root / "cifar10.npz") as c:
+            names = tuple(str(s) for s in c["class_names"])
+            if split == "test":
+                return ImageData(_nhwc_to_tensor(c["x_test"]), torch.from_numpy(c["y_test"]), 10, "cifar10-test", names)
+            xs, ys = [c["x_train"]], [c["y_train"]]
+        with np.load(root / "cifar10_train_extra.npz") as e:
+            xs.append(e["x"]); ys.append(e["y"])
+        if include_jpeg:
+            xs_j, ys_j = _decode_jpeg_npz(root / "cifar10_train_rest_jpeg.npz")
+            xs.append(xs_j); ys.append(ys_j)
+        return ImageData(_nhwc_to_tensor(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)), 10,
+                         "cifar10-train" + ("+jpeg" if include_jpeg else ""), names)
+    try:
+        return _torchvision_cifar10(split, download_dir)
+    except Exception as exc:  # noqa: BLE001
+        where = f"data root {root}" if root is not None else f"no data root (--data-root or {ENV_VAR})"
+        raise DataNotFoundError(
+            f"CIFAR-10 not available: {', '.join(files)} not found ({where}), and the torchvision "
+            f"download failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            f"Fix: point --data-root/{ENV_VAR} at a folder with the npz files, or run once with network access"
+        ) from None
+
+
+def _decode_jpeg_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+
+    with np.load(path) as j:
+        b, o, y = j["jpeg_bytes"], j["jpeg_offsets"], j["y"]
+    x = np.stack([np.asarray(Image.open(io.BytesIO(b[o[i]:o[i + 1]].tobytes())).convert("RGB")) for i in range(len(o) - 1)])
+    return x, y
+
+
+def _torchvision_cifar10(split: str, download_dir: str | os.PathLike | None) -> ImageData:
+    from torchvision.datasets import CIFAR10
+
+    d = Path(download_dir or Path.home() / ".cache" / "abnn" / "cifar10")
+    ds = CIFAR10(str(d), train=split == "train", download=True)
+    return ImageData(_nhwc_to_tensor(ds.data), torch.tensor(ds.targets, dtype=torch.int64), 10,
+                     f"cifar10-{split}", tuple(ds.classes))
+
+
+def load_tinyimagenet32(split: str = "train", data_root: str | os.PathLike | None = None) -> ImageData:
+    """Tiny-ImageNet-200 downsampled to 32x32 (``tinyimagenet32_{train,val}.npz``): the
+    substitute's pretraining data, a dataset other than the CIFAR-10 target."""
+    if split not in ("train", "val"):
+        raise AbnnError(f"tinyimagenet32 split must be 'train' or 'val', got {split!r}")
+    fname = f"tinyimagenet32_{split}.npz"
+    root = _need(resolve_data_root(data_root), [fname], "tinyimagenet32")
+    with np.load(root / fname) as t:
+        return ImageData(_nhwc_to_tensor(t["x"]), torch.from_numpy(t["y"]), 200, f"tinyimagenet32-{split}",
+                         tuple(str(s) for s in t["class_names"]))
+
+
+DATASETS = {
+    "cifar10": {"train": "train", "test": "test", "loader": load_cifar10, "num_classes": 10},
+    "tinyimagenet32": {"train": "train", "test": "val", "loader": load_tinyimagenet32, "num_classes": 200},
+}
+
+
+def load_dataset(name: str, split: str, data_root: str | os.PathLike | None = None, **kwargs) -> ImageData:
+    """Load ``name`` (``cifar10`` or ``tinyimagenet32``), ``split`` in {``train``, ``test``}
+    (``test`` is the validation set for tinyimagenet32)."""
+    if name not in DATASETS:
+        raise AbnnError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    spec = DATASETS[name]
+    return spec["loader"](spec[split], data_root, **kwargs)

@@ -1,0 +1,42 @@
+"""Models: CIFAR ResNet-18 target, VGG-19-BN substitute, reference ResNet-20; a small registry."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from .common import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, Normalize
+from .io import load_state_dict_file, safe_torch_load
+from .resnet_cifar import RESNET18_STAGES, ResNet20, ResNetCIFAR, resnet18_cifar
+from .vgg import VGG19_BN_TAPS, VGGSubstitute, vgg19_bn_substitute
+
+__all__ = [
+    "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD", "Normalize",
+    "RESNET18_STAGES", "ResNet20", "ResNetCIFAR", "resnet18_cifar",
+    "VGG19_BN_TAPS", "VGGSubstitute", "vgg19_bn_substitute",
+    "load_state_dict_file", "safe_torch_load", "resnet20_reference", "build_model", "MODELS",
+]
+
+
+def resnet20_reference(path: str | None = None) -> ResNet20:
+    """CIFAR-10 ResNet-20 with the reference weights of ``shared/data/weights`` (91.7% clean).
+    The file is a legacy pickle of plain tensors and loads with ``weights_only=True``."""
+    model = ResNet20()
+    if path is not None:
+        model.load_state_dict(load_state_dict_file(path, expect=model))
+    return model
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "resnet18_cifar": lambda num_classes=10, width=1.0: resnet18_cifar(num_classes, width=width),
+    "vgg19_bn": lambda num_classes=200, width=1.0: vgg19_bn_substitute(num_classes, width=width),
+    "resnet20": lambda num_classes=10, width=1.0: ResNet20(num_classes),
+}
+
+
+def build_model(arch: str, *, num_classes: int, width: float = 1.0) -> nn.Module:
+    """Build a registered architecture by name (randomly initialised)."""
+    if arch not in MODELS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(MODELS)}")
+    return MODELS[arch](num_classes=num_classes, width=width)

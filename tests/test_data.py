@@ -1,0 +1,78 @@
+"""Datasets from a data root, the vectorised augmentation, clear errors for missing data."""
+
+import pytest
+import torch
+
+from abnn.data import BatchLoader, augment_crop_flip, load_cifar10, load_dataset, load_tinyimagenet32
+from abnn.errors import DataNotFoundError
+
+
+def test_fake_root_loads(fake_data_root):
+    train = load_cifar10("train", fake_data_root)
+    assert train.x.shape == (128, 3, 32, 32) and train.x.dtype == torch.uint8
+    test = load_dataset("cifar10", "test", fake_data_root)
+    assert len(test) == 32
+    tiny = load_tinyimagenet32("val", fake_data_root)
+    assert tiny.num_classes == 200
+
+
+def test_env_var_is_the_default_root(fake_data_root, monkeypatch):
+    monkeypatch.setenv("ABNN_DATA_ROOT", str(fake_data_root))
+    assert len(load_tinyimagenet32("train")) == 64
+
+
+def test_missing_data_names_both_options(tmp_path, monkeypatch):
+    monkeypatch.delenv("ABNN_DATA_ROOT", raising=False)
+    import torchvision.datasets
+
+    def no_network(*a, **k):
+        raise RuntimeError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_network)
+    with pytest.raises(DataNotFoundError, match="npz.*download"):
+        load_cifar10("train", tmp_path)
+    with pytest.raises(DataNotFoundError, match="tinyimagenet32_train.npz"):
+        load_tinyimagenet32("train", tmp_path)
+    with pytest.raises(DataNotFoundError, match="ABNN_DATA_ROOT"):
+        load_tinyimagenet32("train", None)
+
+
+def test_real_cifar10_sizes(data_root):
+    train = load_cifar10("train", data_root)
+    test = load_cifar10("test", data_root)
+    assert len(train) == 20_000 and len(test) == 10_000
+    assert torch.bincount(test.y).tolist() == [1000] * 10
+
+
+def test_augment_is_a_crop_of_the_padded_image_or_its_flip():
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    out = augment_crop_flip(x, pad=2, generator=g)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(2):
+        crops = [padded[i, :, a:a + 8, b:b + 8] for a in range(5) for b in range(5)]
+        crops += [c.flip(-1) for c in crops]
+        assert any(torch.equal(out[i], c) for c in crops)
+
+
+def test_loader_batches_and_determinism(fake_data_root):
+    data = load_cifar10("train", fake_data_root)
+    a = [y for _, y in BatchLoader(data, 32, shuffle=True, augment=True, seed=1)]
+    b = [y for _, y in BatchLoader(data, 32, shuffle=True, augment=True, seed=1)]
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    x, _ = next(iter(BatchLoader(data, 32)))
+    assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert len(BatchLoader(data, 50, drop_last=True)) == 2
+    shards = [torch.cat([y for _, y in BatchLoader(data, 8, rank=r, world_size=2)]) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 64
+
+
+def test_subset_prefix():
+    from abnn.data import ImageData
+
+    d = ImageData(torch.zeros(10, 3, 4, 4, dtype=torch.uint8), torch.arange(10), 10, "t")
+    assert len(d.subset(3)) == 3 and d.subset(None) is d
+    with pytest.raises(Exception, match="empty"):
+        ImageData(torch.zeros(0, 3, 4, 4, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), 10, "t")
+

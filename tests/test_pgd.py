@@ -1,0 +1,124 @@
+"""PGD invariants: bound, range, no mutation, accuracy <= clean, determinism, mode restore."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from abnn.attacks import PGD, InvalidInputError
+
+
+def _tiny_classifier():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(32, 10))
+
+
+@pytest.fixture
+def trained_tiny():
+    """A tiny CNN that fits 64 fixed images, so clean accuracy is high and the attack has work to do."""
+    model = _tiny_classifier()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(64, 3, 8, 8, generator=g)
+    y = torch.randint(0, 10, (64,), generator=g)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(150):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval(), x, y
+
+
+def _acc(model, x, y):
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def test_pgd_invariants(trained_tiny):
+    model, x, y = trained_tiny
+    x0 = x.clone()
+    eps = 8 / 255
+    x_adv = PGD(model, eps=eps, alpha=2 / 255, steps=5, seed=0)(x, y)
+    assert torch.equal(x, x0), "input mutated"
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
+    assert (x_adv - x).abs().max() <= eps + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    clean = _acc(model, x, y)
+    assert clean > 0.9
+    assert _acc(model, x_adv, y) <= clean
+    assert not x_adv.requires_grad
+
+
+def test_pgd_breaks_an_undefended_model_at_large_eps(trained_tiny):
+    model, x, y = trained_tiny
+    x_adv = PGD(model, eps=64 / 255, alpha=8 / 255, steps=20, seed=0)(x, y)
+    assert _acc(model, x_adv, y) < 0.1
+
+
+def test_pgd_seeded_determinism(trained_tiny):
+    model, x, y = trained_tiny
+    a = PGD(model, steps=3, seed=123)(x, y)
+    b = PGD(model, steps=3, seed=123)(x, y)
+    c = PGD(model, steps=3, seed=124)(x, y)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_pgd_without_random_start_is_deterministic_and_restarts_are_worst_case(trained_tiny):
+    model, x, y = trained_tiny
+    a = PGD(model, random_start=False)(x, y)
+    assert torch.equal(a, PGD(model, random_start=False)(x, y))
+    one = PGD(model, steps=2, seed=5)(x, y)
+    many = PGD(model, steps=2, restarts=4, seed=5)(x, y)
+    assert (many - x).abs().max() <= 8 / 255 + 1e-6
+    assert _acc(model, many, y) <= _acc(model, one, y)
+
+
+def test_pgd_restores_model_mode_and_leaves_param_grads(trained_tiny):
+    model, x, y = trained_tiny
+    model.zero_grad(set_to_none=True)
+    model.train()
+    PGD(model, steps=1)(x, y)
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+    model.eval()
+    PGD(model, steps=1)(x, y)
+    assert not model.training
+
+
+def test_pgd_on_abnn_runs_through_the_substitute(tiny_abnn):
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    before = {k: v.clone() for k, v in tiny_abnn.substitute.state_dict().items()}
+    x_adv = PGD(tiny_abnn, steps=2, seed=0)(x, y)
+    assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6
+    assert all(torch.equal(before[k], v) for k, v in tiny_abnn.substitute.state_dict().items())
+
+
+def test_pgd_on_video_clips():
+    model = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 5))
+    x, y = torch.rand(2, 3, 4, 8, 8), torch.tensor([0, 1])
+    x_adv = PGD(model, eps=1 / 255, alpha=0.25 / 255, steps=2, seed=0)(x, y)
+    assert x_adv.shape == x.shape and (x_adv - x).abs().max() <= 1 / 255 + 1e-6
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda x: x * 3, r"\[0, 1\]"),
+    (lambda x: x.masked_fill(x > 0.5, float("nan")), "NaN"),
+    (lambda x: x[0], "shape"),
+    (lambda x: (x * 255).to(torch.uint8), "float"),
+])
+def test_pgd_rejects_bad_input(trained_tiny, bad, match):
+    model, x, y = trained_tiny
+    with pytest.raises(InvalidInputError, match=match):
+        PGD(model)(bad(x), y)
+
+
+def test_pgd_rejects_bad_labels(trained_tiny):
+    model, x, y = trained_tiny
+    with pytest.raises(InvalidInputError, match="labels"):
+        PGD(model)(x, y[:3])
+
+
+def test_repr_shows_settings(trained_tiny):
+    r = repr(PGD(trained_tiny[0], eps=8 / 255, alpha=2 / 255, steps=5))
+    assert "eps=8/255" in r and "steps=5" in r
