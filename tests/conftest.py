@@ -21,7 +21,7 @@ def shared_data_root() -> Path | None:
 
 @pytest.fixture(autouse=True)
 def _small_threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # tiny models: one thread is fastest and never oversubscribes
     yield
 
 

@@ -82,6 +82,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON output (default RUN/eval.json)")
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("reproduce", help="reproduce a table of the paper in one command",
+                       description="Run a whole table: substitute, every method, evaluation, report.md, results.json, "
+                                   "figures. Finished stages are reused (resumable); --force redoes them.")
+    p.add_argument("table", choices=("table1",), help="which table")
+    p.add_argument("--preset", default="cpu", choices=("smoke", "cpu", "paper"),
+                   help="smoke: minutes, tiny; cpu: about 2 h on 2 cores; paper: full scale, GPU + network")
+    p.add_argument("--out", default=None, help="output folder (default out/<table>-<preset>)")
+    p.add_argument("--force", action="store_true", help="redo finished stages")
+    _add_common(p)
+    p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("bench", help="benchmarks (training cost)",
+                       description="Time one training step per method in one process on one batch.")
+    p.add_argument("what", choices=("train-cost",))
+    p.add_argument("--width", type=float, default=1.0, help="ResNet-18 width (default 1.0, the paper's)")
+    p.add_argument("--substitute-width", type=float, default=1.0, help="VGG-19-BN width (default 1.0)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=3, help="timed rounds (default 3)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--at-steps", type=int, default=5)
+    p.add_argument("--encoder", choices=("flatten", "pooled"), default="flatten")
+    p.add_argument("--methods", default="standard,abnn,pgd-at")
+    p.add_argument("--out", default=None, help="JSON output file")
+    _add_common(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -144,6 +170,61 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                        device=str(resolve_device(a.device)), seed=a.seed, progress=not a.no_progress, out=a.out,
                        attack_options={"pgd": opts} if opts else None)
     print(json.dumps({k: res[k] for k in ("run", "method", "n_eval", "clean_acc", "robust_acc")}))
+    return 0
+
+
+def cmd_reproduce(a: argparse.Namespace) -> int:
+    import shlex
+
+    import torch
+
+    from .reproduce import get_preset, run_table1
+    from .training import resolve_device
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    preset = get_preset(a.preset)
+    if preset.substitute_source != "pretrain" or preset.full_cifar10:
+        _check_network_for(preset)
+    out = a.out or f"out/{a.table}-{a.preset}"
+    command = "abnn " + " ".join(shlex.quote(s) for s in sys.argv[1:]) if sys.argv[0].endswith("abnn") else ""
+    res = run_table1(preset, out, data_root=a.data_root, device=str(resolve_device(a.device)), force=a.force,
+                     progress=not a.no_progress, command=command)
+    print(json.dumps({"out": out, "records": [{k: r[k] for k in ("method", "clean_acc", "robust_acc", "cost_N_per_step")}
+                                              for r in res["records"]]}))
+    return 0
+
+
+def _check_network_for(preset) -> None:
+    """The paper preset needs torchvision downloads; fail at once and clearly without them."""
+    import socket
+
+    try:
+        socket.create_connection(("download.pytorch.org", 443), timeout=5).close()
+    except OSError as exc:
+        raise AbnnError(
+            f"preset {preset.name!r} needs network access to download torchvision's ImageNet VGG-19-BN weights and the "
+            f"full CIFAR-10 ({type(exc).__name__}: {exc}); run it on a machine with internet (a GPU is advised), "
+            "or use --preset cpu"
+        ) from None
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    import torch
+
+    from .benchmark import bench_train_cost
+    from .training import resolve_device
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise AbnnError(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
+    res = bench_train_cost(width=a.width, substitute_width=a.substitute_width, batch_size=a.batch_size,
+                           steps=a.steps, warmup=a.warmup, at_steps=a.at_steps, encoder=a.encoder, methods=methods,
+                           device=str(resolve_device(a.device)), out=a.out, progress=not a.no_progress)
+    print(json.dumps(res, indent=2))
     return 0
 
 

@@ -30,6 +30,7 @@ class TrainConfig:
     train_size: int | None = None            # first n training images (None: all)
     val_size: int | None = 1000              # test/val images for the per-epoch accuracy (None: all, 0: none)
     include_jpeg: bool = False               # CIFAR-10: add the 30k JPEG-q75 training images
+    full_cifar10: bool = False               # CIFAR-10: the full 50k set via torchvision's download
     augment: bool = True
     # ABNN (METHOD.md s. 1)
     substitute: str | None = None            # substitute run dir, weights file, or IMAGENET1K_V1

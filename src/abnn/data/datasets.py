@@ -76,17 +76,28 @@ def _need(root: Path | None, files: list[str], dataset: str, alternative: str = 
 
 
 def load_cifar10(split: str = "train", data_root: str | os.PathLike | None = None, *,
-                 include_jpeg: bool = False, download_dir: str | os.PathLike | None = None) -> ImageData:
+                 include_jpeg: bool = False, full: bool = False,
+                 download_dir: str | os.PathLike | None = None) -> ImageData:
     """CIFAR-10 from ``cifar10.npz`` (+ ``cifar10_train_extra.npz`` for train: 20,000 lossless
     images; + the 30,000 JPEG-q75 images of ``cifar10_train_rest_jpeg.npz`` only with
     ``include_jpeg``).  ``split="test"`` is the full 10,000-image test set.
 
     Without the npz files, falls back to torchvision's CIFAR10 download into ``download_dir``
     (default ``~/.cache/abnn/cifar10``); if that fails too, one error names both options.
+    ``full=True`` always uses torchvision's complete 50k/10k CIFAR-10 (the paper preset).
     """
     if split not in ("train", "test"):
         raise AbnnError(f"CIFAR-10 split must be 'train' or 'test', got {split!r}")
     root = resolve_data_root(data_root)
+    if full:
+        try:
+            return _torchvision_cifar10(split, download_dir)
+        except Exception as exc:  # noqa: BLE001
+            raise DataNotFoundError(
+                f"the full CIFAR-10 (50k training images) comes from torchvision's download, which failed "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Fix: run with network "
+                f"access once, or place the CIFAR-10 python files in {download_dir or '~/.cache/abnn/cifar10'}"
+            ) from None
     files = ["cifar10.npz"] + (["cifar10_train_extra.npz"] if split == "train" else [])
     if include_jpeg and split == "train":
         files.append("cifar10_train_rest_jpeg.npz")

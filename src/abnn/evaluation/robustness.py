@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..attacks import PGD, Attack
+from ..attacks import PGD, ROA, Attack
 from ..config import write_json_atomic
 from ..data import BatchLoader, ImageData, load_dataset
 from ..errors import AbnnError
@@ -26,7 +26,7 @@ def _pgd(model: nn.Module, **kw) -> Attack:
 
 
 #: attack name -> builder(model, **options); the defaults are METHOD.md s. 4 for images.
-ATTACK_BUILDERS: dict[str, Callable[..., Attack]] = {"pgd": _pgd}
+ATTACK_BUILDERS: dict[str, Callable[..., Attack]] = {"pgd": _pgd, "roa": ROA}
 
 
 def build_attack(name: str, model: nn.Module, **options) -> Attack:

@@ -48,8 +48,23 @@ class VGGSubstitute(nn.Module):
             )
         else:
             raise ValueError(f"head must be 'pooled' or 'torchvision', got {head!r}")
+        self._init_weights()
         if max(self.taps) >= len(self.features):
             raise ValueError(f"tap index {max(self.taps)} is outside features (length {len(self.features)})")
+
+    def _init_weights(self) -> None:
+        """torchvision's VGG initialisation (Kaiming-normal convs, unit BN, small linear)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor, *, return_taps: bool = False):
         x = self.normalize(x)

@@ -112,9 +112,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
-    train_data = load_dataset(cfg.dataset, "train", cfg.data_root,
-                              **({"include_jpeg": True} if cfg.include_jpeg else {})).subset(cfg.train_size)
-    val_data = load_dataset(cfg.dataset, "test", cfg.data_root).subset(cfg.val_size) if cfg.val_size != 0 else None
+    opts = {k: True for k, on in (("include_jpeg", cfg.include_jpeg), ("full", cfg.full_cifar10)) if on}
+    train_data = load_dataset(cfg.dataset, "train", cfg.data_root, **opts).subset(cfg.train_size)
+    val_opts = {"full": True} if cfg.full_cifar10 else {}
+    val_data = load_dataset(cfg.dataset, "test", cfg.data_root, **val_opts).subset(cfg.val_size) if cfg.val_size != 0 else None
 
     model = build_model_from_config(cfg).to(device)
     run.mkdir(parents=True, exist_ok=True)

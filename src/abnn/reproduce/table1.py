@@ -1,0 +1,164 @@
+"""Table 1 in one command: substitute -> standard / PGD-AT / ABNN -> clean, PGD, ROA -> report.
+
+Every stage is a run folder under the output folder; a rerun skips finished stages (and resumes
+an interrupted training from its last checkpoint), ``force=True`` redoes them.  A finished stage
+whose settings differ from the preset's is never silently reused: it is an error that says so.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import TrainConfig, write_json_atomic
+from ..data import load_dataset
+from ..errors import AbnnError
+from ..evaluation import build_attack, evaluate
+from ..runs import load_run, read_json
+from ..training import train
+from ..training.loop import software_versions
+from .presets import METHOD_NAMES, PAPER_TABLE1, Table1Preset
+
+#: settings that define a run; a finished run is reused only if all of them match
+_DEFINING = ("method", "dataset", "arch", "width", "epochs", "batch_size", "lr", "momentum", "weight_decay", "seed",
+             "train_size", "augment", "include_jpeg", "full_cifar10", "substitute_stats", "encoder", "bn_affine",
+             "at_steps", "at_eps", "at_alpha")
+
+
+def _log(msg: str) -> None:
+    tqdm.write(f"[table1] {msg}")
+
+
+def _check_same(run: Path, cfg: TrainConfig) -> None:
+    saved = TrainConfig.load(run / "config.json")
+    diff = [f"{k}: run has {getattr(saved, k)!r}, preset wants {getattr(cfg, k)!r}"
+            for k in _DEFINING if getattr(saved, k) != getattr(cfg, k)]
+    if diff:
+        raise AbnnError(f"{run} was made with other settings ({'; '.join(diff[:3])}); "
+                        "rerun with --force to redo it, or choose another --out")
+
+
+def _stage_train(run: Path, cfg: TrainConfig, *, force: bool, progress: bool) -> dict:
+    if force and run.exists():
+        shutil.rmtree(run)
+    if (run / "model.pt").is_file() and (run / "train_results.json").is_file():
+        _check_same(run, cfg)
+        _log(f"{run.name}: finished earlier, reused")
+        return read_json(run / "train_results.json")
+    resume = (run / "checkpoint.pt").is_file()
+    if resume:
+        _check_same(run, cfg)
+    _log(f"{run.name}: {'resuming' if resume else 'training'} ({cfg.method}, width {cfg.width}, {cfg.epochs} epochs)")
+    return train(cfg, run, resume=resume, progress=progress)
+
+
+def _attack_options(preset: Table1Preset) -> dict:
+    return {
+        "pgd": {"eps": 8 / 255, "alpha": 2 / 255, "steps": 5, "random_start": True},
+        "roa": {"search": "exhaustive", "stride": preset.roa_stride, "alpha": 70 / 255, "steps": 5, "fill": 0.5},
+    }
+
+
+def _stage_eval(run: Path, preset: Table1Preset, data_root: str | None, device: str, *, force: bool,
+                progress: bool) -> dict:
+    out = run / "eval_table1.json"
+    opts = _attack_options(preset)
+    if out.is_file() and not force:
+        res = read_json(out)
+        if res.get("n_eval") == preset.n_eval and res.get("attack_options") == opts and res.get("seed") == preset.seed:
+            _log(f"{run.name}: evaluation finished earlier, reused")
+            return res
+    model, cfg = load_run(run, device=device)
+    data = load_dataset("cifar10", "test", data_root).subset(preset.n_eval)
+    attacks = {name: build_attack(name, model, seed=preset.seed, **o) for name, o in opts.items()}
+    _log(f"{run.name}: evaluating clean, PGD, ROA on {len(data)} test images")
+    t0 = time.perf_counter()
+    res = evaluate(model, data, attacks, batch_size=preset.eval_batch_size, device=device, progress=progress)
+    res.update({"seconds": time.perf_counter() - t0, "attack_options": opts, "seed": preset.seed})
+    write_json_atomic(out, res)
+    return res
+
+
+def _examples(out: Path, preset: Table1Preset, data_root: str | None, device: str) -> Path:
+    """Clean images, PGD and ROA adversarial examples on the ABNN model (Figure 3)."""
+    path = out / "examples.pt"
+    if path.is_file():
+        return path
+    method = "abnn" if "abnn" in preset.methods else preset.methods[0]
+    model, _ = load_run(out / method, device=device)
+    data = load_dataset("cifar10", "test", data_root).subset(6)
+    x, y = data.float_batch(slice(None))
+    x, y = x.to(device), y.to(device)
+    opts = _attack_options(preset)
+    x_pgd = build_attack("pgd", model, seed=preset.seed, **opts["pgd"])(x, y)
+    x_roa = build_attack("roa", model, seed=preset.seed, **opts["roa"])(x, y)
+    with torch.no_grad():
+        preds = {k: model(v).argmax(1).cpu() for k, v in (("clean", x), ("pgd", x_pgd), ("roa", x_roa))}
+    from ..training.checkpoint import save_atomic
+
+    save_atomic({"method": method, "x": x.cpu(), "y": y.cpu(), "x_pgd": x_pgd.cpu(), "x_roa": x_roa.cpu(),
+                 "pred_clean": preds["clean"], "pred_pgd": preds["pgd"], "pred_roa": preds["roa"],
+                 "class_names": list(data.class_names)}, path)
+    return path
+
+
+def run_table1(preset: Table1Preset, out: str | Path, *, data_root: str | None = None, device: str = "cpu",
+               force: bool = False, progress: bool = True, command: str = "") -> dict:
+    """Run the whole Table 1 pipeline into ``out`` and write report.md, results.json, figures."""
+    from ..report import write_table1_report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    write_json_atomic(out / "preset.json", preset.to_dict())
+
+    substitute_info: dict = {"source": preset.substitute_source}
+    if "abnn" in preset.methods:
+        if preset.substitute_source == "pretrain":
+            sub_cfg = preset.substitute_config()
+            sub_cfg.data_root = data_root
+            sub_res = _stage_train(out / "substitute", sub_cfg, force=force, progress=progress)
+            substitute = str(out / "substitute")
+            substitute_info.update({"arch": "vgg19_bn", "width": preset.substitute_width, "dataset": "tinyimagenet32",
+                                    "train_size": sub_res["train_size"], "epochs": preset.substitute_epochs,
+                                    "val_acc": sub_res["final_val_acc"], "val_size": sub_res["val_size"],
+                                    "train_seconds": sub_res["train_seconds"]})
+        else:
+            substitute = preset.substitute_source
+            substitute_info.update({"arch": "vgg19_bn", "width": 1.0, "dataset": "ImageNet-1k (torchvision weights)",
+                                    "val_acc": None, "val_acc_note": "not measured here; see torchvision's model card"})
+    else:
+        substitute = None
+
+    records = []
+    for method in preset.methods:
+        cfg = preset.method_config(method, substitute)
+        cfg.data_root = data_root
+        cfg.device = device
+        tr = _stage_train(out / method, cfg, force=force, progress=progress)
+        ev = _stage_eval(out / method, preset, data_root, device, force=force, progress=progress)
+        rec = {
+            "method": method, "name": METHOD_NAMES[method], "dataset": "cifar10", "architecture": "resnet18_cifar",
+            "width": cfg.width, "epochs": cfg.epochs, "train_size": tr["train_size"], "batch_size": cfg.batch_size,
+            "clean_acc": ev["clean_acc"], "robust_acc": ev["robust_acc"], "n_eval": ev["n_eval"],
+            "attacks": ev["attacks"], "attack_seconds": ev["attack_seconds"],
+            "cost_N_per_step": tr["cost_N_per_step"], "cost_counts": tr["cost"]["per_network"],
+            "train_seconds": tr["train_seconds"], "seconds_per_step": tr["seconds_per_step"],
+            "threads": tr.get("threads"), "device": tr.get("device"), "seed": cfg.seed,
+            "versions": software_versions(), "paper": PAPER_TABLE1[method],
+        }
+        if method == "abnn":
+            rec["substitute"] = {**substitute_info, "stats": cfg.substitute_stats, "encoder": cfg.encoder}
+        records.append(rec)
+
+    examples = _examples(out, preset, data_root, device)
+    results = {"preset": preset.to_dict(), "records": records, "substitute": substitute_info,
+               "command": command, "pipeline_seconds_this_call": time.perf_counter() - t_start}
+    write_json_atomic(out / "results.json", results)
+    write_table1_report(out, results, examples)
+    _log(f"report written to {out / 'report.md'}")
+    return results

@@ -1,0 +1,64 @@
+"""`abnn reproduce table1 --preset smoke` writes a complete report, results and figures; reruns reuse stages."""
+
+import json
+
+
+from abnn.cli import main
+from conftest import shared_data_root
+
+
+def test_smoke_reproduction_writes_everything(tmp_path, capsys, fake_data_root):
+    root = shared_data_root() or fake_data_root  # real data when present (as in CI), else fake npz files
+    out = tmp_path / "t1"
+    args = ["reproduce", "table1", "--preset", "smoke", "--out", str(out), "--data-root", str(root), "--no-progress"]
+    assert main(args) == 0
+    for f in ("report.md", "results.json", "accuracy.png", "training_cost.png", "examples.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    res = json.loads((out / "results.json").read_text())
+    recs = {r["method"]: r for r in res["records"]}
+    assert set(recs) == {"standard", "pgd-at", "abnn"}
+    assert [recs[m]["cost_N_per_step"] for m in ("standard", "abnn", "pgd-at")] == [2.0, 3.0, 12.0]
+    for r in recs.values():
+        assert 0 <= r["robust_acc"]["pgd"] <= r["clean_acc"] and 0 <= r["robust_acc"]["roa"] <= r["clean_acc"]
+        assert r["train_seconds"] > 0 and r["n_eval"] == 48 and "torch" in r["versions"]
+    assert recs["abnn"]["substitute"]["val_acc"] is not None
+    report = (out / "report.md").read_text()
+    assert "| ABNN |" in report and "87.5" in report and "examples.png" in report
+
+    capsys.readouterr()
+    assert main(args) == 0                      # a rerun reuses every finished stage
+    log = capsys.readouterr()
+    assert "reused" in log.err + log.out and "training" not in (log.err + log.out).replace("training (", "")
+
+
+def test_finished_stage_with_other_settings_is_not_reused(tmp_path, fake_data_root, capsys):
+    out = tmp_path / "t1"
+    base = ["--out", str(out), "--data-root", str(fake_data_root), "--no-progress"]
+    assert main(["train", "--out", str(out / "standard"), "--width", "0.0625", "--epochs", "1", "--batch-size", "64",
+                 "--val-size", "0", "--data-root", str(fake_data_root), "--no-progress"]) == 0
+    code = main(["reproduce", "table1", "--preset", "smoke", *base])
+    assert code == 2 and "other settings" in capsys.readouterr().err
+
+
+def test_paper_preset_fails_clearly_without_network(monkeypatch, capsys, tmp_path):
+    import socket
+
+    def refuse(*a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    assert main(["reproduce", "table1", "--preset", "paper", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "network" in err and "--preset cpu" in err
+
+
+def test_bench_train_cost_counts_and_times():
+    from abnn.benchmark import bench_train_cost
+
+    res = bench_train_cost(width=1 / 16, substitute_width=1 / 16, batch_size=8, steps=1, warmup=1, at_steps=2,
+                           progress=False)
+    m = res["methods"]
+    assert [m[k]["N_per_step_counted"] for k in ("standard", "abnn", "pgd-at")] == [2.0, 3.0, 6.0]
+    assert all(v["ms_per_step_median"] > 0 for v in m.values())
+    assert res["ratio_abnn_over_standard"] > 0 and res["ratio_pgdat_over_abnn"] > 0
+
