@@ -76,3 +76,14 @@ def test_subset_prefix():
     with pytest.raises(Exception, match="empty"):
         ImageData(torch.zeros(0, 3, 4, 4, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), 10, "t")
 
+
+
+def test_reference_resnet20_loads_and_is_accurate(data_root):
+    """The legacy reference checkpoint loads with weights_only=True and scores ~91.7% (README)."""
+    from abnn.models import resnet20_reference
+
+    model = resnet20_reference(str(data_root / "weights" / "resnet20-12fca82f.th")).eval()
+    data = load_cifar10("test", data_root).subset(500)
+    with torch.no_grad():
+        acc = (model(data.x.float() / 255).argmax(1) == data.y).float().mean().item()
+    assert acc > 0.88

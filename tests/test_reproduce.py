@@ -49,7 +49,7 @@ def test_paper_preset_fails_clearly_without_network(monkeypatch, capsys, tmp_pat
     monkeypatch.setattr(socket, "create_connection", refuse)
     assert main(["reproduce", "table1", "--preset", "paper", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "network" in err and "--preset cpu" in err
+    assert "network" in err and "--preset smoke/cpu" in err
 
 
 def test_bench_train_cost_counts_and_times():

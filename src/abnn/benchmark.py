@@ -1,13 +1,21 @@
-"""``abnn bench train-cost``: measured time and memory of one training step per method.
+"""``abnn bench train-cost`` and ``abnn bench throughput``.
 
-One process, one fixed batch, every method's step timed in interleaved rounds (standard, ABNN,
-PGD-AT, standard, ...), so background load affects all methods alike and the ratios stay fair.
-Peak memory: CUDA's allocator peak on GPU; on CPU the peak resident set size sampled every
-2 ms while the method's steps run, minus the resident size before them.
+``train-cost``: measured time and memory of one training step per method.  One process, one
+fixed batch, every method's step timed in interleaved rounds (standard, ABNN, PGD-AT, standard,
+...), so background load affects all methods alike and the ratios stay fair.  Peak memory: CUDA's
+allocator peak on GPU; on CPU the peak resident set size sampled every 2 ms while the method's
+steps run, minus the resident size before them.
+
+``throughput`` (:func:`bench_throughput`): training images/s per method (the training loop's own
+:class:`~abnn.training.TrainStep`, with its mixed precision and memory format), inference
+images/s, and attack throughput in PGD steps per second (batch x steps / seconds), optionally
+against torchattacks' PGD on the same model and batch.  Also interleaved rounds; both wall-clock
+and process CPU seconds are recorded (with one thread, CPU seconds are robust to other load).
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
 import time
@@ -19,7 +27,7 @@ from torch import nn
 from .config import TrainConfig, write_json_atomic
 from .framework import ABNN
 from .models import resnet18_cifar, vgg19_bn_substitute
-from .training import PassCounter, attach_networks, batch_loss_for
+from .training import PassCounter, TrainStep, attach_networks, batch_loss_for, resolve_amp
 
 
 def _rss_bytes() -> int:
@@ -133,3 +141,155 @@ def bench_train_cost(*, width: float = 1.0, substitute_width: float = 1.0, batch
         write_json_atomic(Path(out), res)
     return res
 
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _timed(fn, dev: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    _sync(dev)
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    _sync(dev)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _rounds(fns: dict, rounds: int, warmup: int, dev: torch.device, progress: bool, label: str) -> dict:
+    """Warm every function up, then time them in interleaved rounds; {name: (walls, cpus)}."""
+    for fn in fns.values():
+        for _ in range(max(warmup, 0)):
+            fn()
+    out: dict = {k: ([], []) for k in fns}
+    for r in range(rounds):
+        for k, fn in fns.items():
+            w, c = _timed(fn, dev)
+            out[k][0].append(w)
+            out[k][1].append(c)
+            if progress:
+                print(f"{label} round {r + 1}/{rounds} {k}: {1000 * w:.0f} ms", flush=True)
+    return out
+
+
+def bench_throughput(*, width: float = 0.25, substitute_width: float = 0.25, batch_size: int = 128, iters: int = 3,
+                     warmup: int = 1, at_steps: int = 5, attack_steps: int = 10, encoder: str = "flatten",
+                     methods: tuple[str, ...] = ("standard", "abnn", "pgd-at"), device: str = "cpu",
+                     amp: str = "auto", channels_last: bool = False, compare_torchattacks: bool = False,
+                     eps: float = 8 / 255, alpha: float = 2 / 255, seed: int = 0, out: str | Path | None = None,
+                     progress: bool = True) -> dict:
+    """Throughput on one fixed batch of random CIFAR-sized images (medians over ``iters`` rounds).
+
+    * ``train``: images/s of a full training step of each method (PGD-AT: with its ``at_steps``
+      attack), through :class:`~abnn.training.TrainStep` as in ``abnn train``;
+    * ``inference``: images/s of an eval-mode forward without gradients, for each model
+      (the plain ResNet-18, shared by standard and PGD-AT, and ABNN);
+    * ``attack``: our L-inf PGD (``attack_steps`` steps, random start) against each model in
+      eval mode: seconds per call, images/s and PGD steps/s = batch * steps / seconds;
+    * ``compare_torchattacks``: torchattacks' ``PGD`` with the same settings on the same
+      ResNet-18 and batch, interleaved with ours; ``ratio_ours_over_torchattacks`` < 1 means ours
+      is faster (wall clock; ``cpu_ratio...`` uses process CPU time, robust to other load when
+      running one thread).  Skipped with a note when torchattacks is not importable.
+    """
+    from .attacks import PGD
+
+    dev = torch.device(device)
+    amp_dtype = resolve_amp(amp, dev)
+    torch.manual_seed(seed)
+    x = torch.rand(batch_size, 3, 32, 32, device=dev)
+    y = torch.randint(0, 10, (batch_size,), device=dev)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    rounds = max(iters, 1)
+
+    def med(v: list[float]) -> float:
+        return statistics.median(v)
+
+    res: dict = {
+        "benchmark": "throughput", "device": str(dev), "threads": torch.get_num_threads(), "batch_size": batch_size,
+        "target": f"resnet18_cifar width {width}", "substitute": f"vgg19_bn width {substitute_width}",
+        "encoder": encoder, "amp": str(amp_dtype).replace("torch.", "") if amp_dtype is not None else "off",
+        "channels_last": channels_last, "rounds": rounds, "warmup": warmup, "at_steps": at_steps,
+        "attack": {"name": "PGD", "eps": eps, "alpha": alpha, "steps": attack_steps, "random_start": True},
+    }
+
+    # -- training ---------------------------------------------------------------------------------
+    steps: dict = {}
+    models: dict[str, nn.Module] = {}
+    for m in methods:
+        model = _build(m, width, substitute_width, encoder, dev)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model.train()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
+                              weight_decay=5e-4)
+        steps[m] = TrainStep(model, batch_loss_for(TrainConfig(method=m, at_steps=at_steps)), opt,
+                             amp_dtype=amp_dtype, channels_last=channels_last, device_type=dev.type)
+        models.setdefault("abnn" if m == "abnn" else "resnet18", model)
+    timed = _rounds({m: (lambda s=s: s(x, y)) for m, s in steps.items()}, rounds, warmup, dev, progress, "train")
+    res["train"] = {m: {"images_per_s": batch_size / med(w), "ms_per_step": 1000 * med(w), "cpu_ms_per_step": 1000 * med(c)}
+                    for m, (w, c) in timed.items()}
+
+    # -- inference --------------------------------------------------------------------------------
+    def infer(model: nn.Module):
+        def run() -> None:
+            with torch.no_grad(), (torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None
+                                   else contextlib.nullcontext()):
+                model(x)
+        return run
+
+    for model in models.values():
+        model.eval()
+    timed = _rounds({k: infer(mdl) for k, mdl in models.items()}, max(rounds, 3), warmup, dev, progress, "inference")
+    res["inference"] = {k: {"images_per_s": batch_size / med(w), "ms_per_batch": 1000 * med(w)} for k, (w, c) in timed.items()}
+
+    # -- attack -----------------------------------------------------------------------------------
+    def ac():
+        return torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+
+    def ours(model: nn.Module):
+        atk = PGD(model, eps=eps, alpha=alpha, steps=attack_steps, random_start=True)
+
+        def run() -> None:
+            with ac():
+                atk(x, y)
+        return run
+
+    fns = {k: ours(mdl) for k, mdl in models.items()}
+    theirs_note = None
+    if compare_torchattacks:
+        try:
+            import torchattacks
+        except Exception as exc:  # noqa: BLE001 - optional dependency
+            theirs_note = f"torchattacks not importable ({type(exc).__name__}: {exc}); pip install torchattacks"
+        else:
+            ref = models.get("resnet18") or next(iter(models.values()))
+            ta = torchattacks.PGD(ref, eps=eps, alpha=alpha, steps=attack_steps, random_start=True)
+
+            def theirs() -> None:
+                with ac():
+                    ta(x, y)
+            fns["torchattacks:" + ("resnet18" if "resnet18" in models else next(iter(models)))] = theirs
+            res["torchattacks_version"] = getattr(torchattacks, "__version__", "?")
+    timed = _rounds(fns, rounds, warmup, dev, progress, "attack")
+    res["attack"]["models"] = {
+        k: {"seconds_per_call": med(w), "cpu_seconds_per_call": med(c), "images_per_s": batch_size / med(w),
+            "pgd_steps_per_s": batch_size * attack_steps / med(w)}
+        for k, (w, c) in timed.items()}
+    res["attack"] = res.pop("attack")  # report order: train, inference, attack
+    their_key = next((k for k in timed if k.startswith("torchattacks:")), None)
+    if their_key is not None:
+        ours_key = their_key.split(":", 1)[1]
+        (ow, oc), (tw, tc) = timed[ours_key], timed[their_key]
+        res["compare_torchattacks"] = {
+            "model": ours_key, "ours_seconds": med(ow), "torchattacks_seconds": med(tw),
+            "ratio_ours_over_torchattacks": med(ow) / med(tw),
+            "cpu_ratio_ours_over_torchattacks": med(oc) / med(tc) if med(tc) > 0 else None,
+            "per_round_ratio": [a / b for a, b in zip(ow, tw)],
+        }
+    elif theirs_note:
+        res["compare_torchattacks"] = {"skipped": theirs_note}
+    if out:
+        write_json_atomic(Path(out), res)
+    return res

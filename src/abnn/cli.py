@@ -15,7 +15,7 @@ import json
 import sys
 from typing import Sequence
 
-from .config import METHODS, TrainConfig
+from .config import AMP_MODES, METHODS, TrainConfig
 from .errors import AbnnError
 
 
@@ -68,6 +68,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--at-steps", type=int, default=d.at_steps, help="PGD-AT attack steps t_max (default 5)")
     p.add_argument("--include-jpeg", action="store_true", help="add the 30k JPEG-q75 CIFAR-10 training images")
     _add_train_opts(p, d)
+    g = p.add_argument_group(
+        "scale, speed and durability",
+        "Distributed: `torchrun --standalone --nproc_per_node=K -m abnn.cli train ...` or `--nproc K`; the global "
+        "batch stays --batch-size (K processes x batch-size/K), rank 0 writes the run folder, the counted cost is "
+        "per rank. None of these options changes the method, the data order or the global batch.")
+    g.add_argument("--nproc", type=int, default=None, metavar="K",
+                   help="train with K processes on this machine (launches torch.distributed.run; gloo on CPU, "
+                        "NCCL on CUDA, one GPU per process); --batch-size must be divisible by K")
+    g.add_argument("--no-sync-bn", action="store_true",
+                   help="distributed runs: keep per-process BatchNorm statistics instead of synchronising the target's "
+                        "BatchNorm over all processes (SyncBN, the default; the frozen ABNN substitute is never synced)")
+    g.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="also write checkpoint.pt every N steps within an epoch (default: at epoch ends only); "
+                        "--resume continues at the exact step")
+    g.add_argument("--amp", choices=AMP_MODES, default=d.amp,
+                   help="mixed precision: auto (default: bf16 on CUDA where supported, else fp16 with a GradScaler; "
+                        "off on CPU), off, bf16, fp16; PGD-AT's attack runs under the same autocast")
+    g.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster convolutions on GPUs)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (first steps are slow while it compiles)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="clean and robust accuracy of a finished run",
@@ -79,32 +98,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=float, default=None, help="PGD eps in /255 units (default 8)")
     p.add_argument("--steps", type=int, default=None, help="PGD steps (default 5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="JSON output (default RUN/eval.json)")
+    p.add_argument("--out", default=None, help="JSON output (default RUN/eval.json; with --suite a folder, default RUN/suite)")
+    p.add_argument("--suite", choices=("full", "quick"), default=None,
+                   help="run the robustness checklist instead of --attack (all attacks, per-sample worst case, "
+                        "eps/steps sanity curves, gradient-masking flags); 'quick' scales the budgets down for CPU")
+    p.add_argument("--source", action="append", default=None, metavar="[NAME=]RUN",
+                   help="with --suite: a finished run folder to transfer attacks from (repeatable)")
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("reproduce", help="reproduce a table of the paper in one command",
                        description="Run a whole table: substitute, every method, evaluation, report.md, results.json, "
                                    "figures. Finished stages are reused (resumable); --force redoes them.")
-    p.add_argument("table", choices=("table1",), help="which table")
+    p.add_argument("table", choices=("table1", "table2", "table3", "video"),
+                   help="table1: CIFAR-10 PGD; table2/table3/video: UCF-101 PGD and ROA (one run makes both)")
     p.add_argument("--preset", default="cpu", choices=("smoke", "cpu", "paper"),
-                   help="smoke: minutes, tiny; cpu: about 2 h on 2 cores; paper: full scale, GPU + network")
+                   help="smoke: minutes, tiny; cpu: about 2 h on 2 cores (table1 only); paper: full scale, GPU + network")
     p.add_argument("--out", default=None, help="output folder (default out/<table>-<preset>)")
     p.add_argument("--force", action="store_true", help="redo finished stages")
     _add_common(p)
     p.set_defaults(func=cmd_reproduce)
 
-    p = sub.add_parser("bench", help="benchmarks (training cost)",
-                       description="Time one training step per method in one process on one batch.")
-    p.add_argument("what", choices=("train-cost",))
-    p.add_argument("--width", type=float, default=1.0, help="ResNet-18 width (default 1.0, the paper's)")
-    p.add_argument("--substitute-width", type=float, default=1.0, help="VGG-19-BN width (default 1.0)")
+    p = sub.add_parser("bench", help="benchmarks (training cost, throughput)",
+                       description="train-cost: time one training step per method in one process on one batch. "
+                                   "throughput: training images/s per method, inference images/s, PGD steps/s "
+                                   "(batch x steps / seconds), optionally against torchattacks' PGD.")
+    p.add_argument("what", choices=("train-cost", "throughput"))
+    p.add_argument("--width", type=float, default=None,
+                   help="ResNet-18 width (default 1.0, the paper's, for train-cost; 0.25 for throughput)")
+    p.add_argument("--substitute-width", type=float, default=None,
+                   help="VGG-19-BN width (default 1.0 for train-cost; 0.25 for throughput)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=3, help="timed rounds (default 3)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--at-steps", type=int, default=5)
+    p.add_argument("--at-steps", type=int, default=5, help="PGD-AT attack steps inside training (default 5)")
     p.add_argument("--encoder", choices=("flatten", "pooled"), default="flatten")
     p.add_argument("--methods", default="standard,abnn,pgd-at")
+    p.add_argument("--attack-steps", type=int, default=10, help="throughput: PGD steps per attack call (default 10)")
+    p.add_argument("--compare-torchattacks", action="store_true",
+                   help="throughput: also time torchattacks' PGD on the same model and batch, report our/their time ratio")
+    p.add_argument("--amp", choices=AMP_MODES, default="auto",
+                   help="throughput: mixed precision as in `abnn train --amp` (default auto: on for CUDA only)")
+    p.add_argument("--channels-last", action="store_true", help="throughput: channels-last memory format")
     p.add_argument("--out", default=None, help="JSON output file")
     _add_common(p)
     p.set_defaults(func=cmd_bench)
@@ -137,16 +172,32 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    import os
+
     from .training import train
+    from .training.distributed import launch_torchrun, strip_nproc
 
     cfg = _config_from_args(
         a, method=a.method, dataset="cifar10", arch=a.arch, substitute=a.substitute,
         substitute_width=a.substitute_width, substitute_stats=a.substitute_stats, encoder=a.encoder,
         bn_affine=not a.no_bn_affine, at_steps=a.at_steps, include_jpeg=a.include_jpeg,
+        amp=a.amp, channels_last=a.channels_last, compile=a.compile, sync_bn=not a.no_sync_bn,
+        checkpoint_every=a.checkpoint_every,
     )
+    if a.nproc is not None and a.nproc < 1:
+        raise AbnnError(f"--nproc must be >= 1, got {a.nproc}")
+    if a.nproc and a.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        if cfg.batch_size % a.nproc:
+            raise AbnnError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by --nproc {a.nproc}")
+        code = launch_torchrun(a.nproc, strip_nproc(getattr(a, "argv", None) or sys.argv[1:]))
+        if code != 0:
+            raise AbnnError(f"distributed training with {a.nproc} processes failed (exit status {code}); "
+                            "see the messages above")
+        return 0
     res = train(cfg, a.out, resume=a.resume, progress=not a.no_progress, max_steps=a.max_steps)
-    print(json.dumps({"run": a.out, "method": res["method"], "val_acc": res["final_val_acc"],
-                      "cost_N_per_step": res["cost_N_per_step"], "train_seconds": round(res["train_seconds"], 1)}))
+    if res.get("rank", 0) == 0:  # under torchrun only rank 0 reports
+        print(json.dumps({"run": a.out, "method": res["method"], "val_acc": res["final_val_acc"],
+                          "cost_N_per_step": res["cost_N_per_step"], "train_seconds": round(res["train_seconds"], 1)}))
     return 0
 
 
@@ -165,6 +216,18 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         opts["eps"] = a.eps / 255
     if a.steps is not None:
         opts["steps"] = a.steps
+    if a.suite:
+        from pathlib import Path
+
+        from .evaluation import run_suite_on_run
+
+        sources = dict(s.split("=", 1) if "=" in s else (Path(s).name, s) for s in (a.source or []))
+        res = run_suite_on_run(a.run, n_eval=a.n_eval, batch_size=a.batch_size, data_root=a.data_root,
+                               device=str(resolve_device(a.device)), seed=a.seed,
+                               eps=None if a.eps is None else a.eps / 255, out_dir=a.out, quick=a.suite == "quick",
+                               source_models=sources, progress=not a.no_progress)
+        print(json.dumps({k: res[k] for k in ("run", "method", "n_eval", "clean_acc", "robust_acc", "verdict", "flags")}))
+        return 0
     attacks = a.attack or ["pgd"]
     res = evaluate_run(a.run, attacks=attacks, n_eval=a.n_eval, batch_size=a.batch_size, data_root=a.data_root,
                        device=str(resolve_device(a.device)), seed=a.seed, progress=not a.no_progress, out=a.out,
@@ -178,41 +241,52 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
 
     import torch
 
-    from .reproduce import get_preset, run_table1
+    from .reproduce import get_preset, get_video_preset, run_table1, run_video_tables
     from .training import resolve_device
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    preset = get_preset(a.preset)
-    if preset.substitute_source != "pretrain" or preset.full_cifar10:
-        _check_network_for(preset)
-    out = a.out or f"out/{a.table}-{a.preset}"
     command = "abnn " + " ".join(shlex.quote(s) for s in sys.argv[1:]) if sys.argv[0].endswith("abnn") else ""
-    res = run_table1(preset, out, data_root=a.data_root, device=str(resolve_device(a.device)), force=a.force,
-                     progress=not a.no_progress, command=command)
+    if a.table == "table1":
+        preset = get_preset(a.preset)
+        if preset.substitute_source != "pretrain" or preset.full_cifar10:
+            _check_network_for(preset, "torchvision's ImageNet VGG-19-BN weights and the full CIFAR-10")
+        runner = run_table1
+        out = a.out or f"out/table1-{a.preset}"
+    else:
+        preset = get_video_preset(a.preset)
+        if preset.dataset == "ucf101":
+            from .data import resolve_ucf101_root
+
+            resolve_ucf101_root(None, a.data_root)
+        if preset.substitute == "KINETICS400_V1":
+            _check_network_for(preset, "torchvision's Kinetics-400 R3D-18 weights")
+        runner = run_video_tables
+        out = a.out or f"out/video-{a.preset}"
+    res = runner(preset, out, data_root=a.data_root, device=str(resolve_device(a.device)), force=a.force,
+                 progress=not a.no_progress, command=command)
     print(json.dumps({"out": out, "records": [{k: r[k] for k in ("method", "clean_acc", "robust_acc", "cost_N_per_step")}
                                               for r in res["records"]]}))
     return 0
 
 
-def _check_network_for(preset) -> None:
-    """The paper preset needs torchvision downloads; fail at once and clearly without them."""
+def _check_network_for(preset, what: str) -> None:
+    """The paper presets need torchvision downloads; fail at once and clearly without them."""
     import socket
 
     try:
         socket.create_connection(("download.pytorch.org", 443), timeout=5).close()
     except OSError as exc:
         raise AbnnError(
-            f"preset {preset.name!r} needs network access to download torchvision's ImageNet VGG-19-BN weights and the "
-            f"full CIFAR-10 ({type(exc).__name__}: {exc}); run it on a machine with internet (a GPU is advised), "
-            "or use --preset cpu"
+            f"preset {preset.name!r} needs network access to download {what} ({type(exc).__name__}: {exc}); "
+            "run it on a machine with internet (a GPU is advised), or use --preset smoke/cpu"
         ) from None
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
     import torch
 
-    from .benchmark import bench_train_cost
+    from .benchmark import bench_throughput, bench_train_cost
     from .training import resolve_device
 
     if a.threads:
@@ -221,7 +295,20 @@ def cmd_bench(a: argparse.Namespace) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise AbnnError(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
-    res = bench_train_cost(width=a.width, substitute_width=a.substitute_width, batch_size=a.batch_size,
+    if a.batch_size < 1 or a.steps < 1 or a.attack_steps < 1:
+        raise AbnnError(f"need --batch-size, --steps and --attack-steps >= 1; got {a.batch_size}, {a.steps}, {a.attack_steps}")
+    default_width = 1.0 if a.what == "train-cost" else 0.25
+    width = a.width if a.width is not None else default_width
+    sub_width = a.substitute_width if a.substitute_width is not None else default_width
+    if a.what == "throughput":
+        res = bench_throughput(width=width, substitute_width=sub_width, batch_size=a.batch_size, iters=a.steps,
+                               warmup=a.warmup, at_steps=a.at_steps, attack_steps=a.attack_steps, encoder=a.encoder,
+                               methods=methods, device=str(resolve_device(a.device)), amp=a.amp,
+                               channels_last=a.channels_last, compare_torchattacks=a.compare_torchattacks,
+                               out=a.out, progress=not a.no_progress)
+        print(json.dumps(res, indent=2))
+        return 0
+    res = bench_train_cost(width=width, substitute_width=sub_width, batch_size=a.batch_size,
                            steps=a.steps, warmup=a.warmup, at_steps=a.at_steps, encoder=a.encoder, methods=methods,
                            device=str(resolve_device(a.device)), out=a.out, progress=not a.no_progress)
     print(json.dumps(res, indent=2))
@@ -231,6 +318,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # `train --nproc` relaunches with these
     try:
         return args.func(args)
     except AbnnError as exc:

@@ -10,15 +10,16 @@ from typing import Any
 
 from .errors import AbnnError
 
-METHODS = ("standard", "abnn", "pgd-at")
+METHODS = ("standard", "abnn", "pgd-at", "oudefend")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
 
 
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (saved as the run's ``config.json``)."""
 
-    method: str = "standard"                 # standard | abnn | pgd-at
-    dataset: str = "cifar10"                 # cifar10 | tinyimagenet32
+    method: str = "standard"                 # standard | abnn | pgd-at | oudefend
+    dataset: str = "cifar10"                 # cifar10 | tinyimagenet32 | clips13 | ucf101
     arch: str = "resnet18_cifar"             # resnet18_cifar | vgg19_bn
     width: float = 1.0
     epochs: int = 30
@@ -38,7 +39,7 @@ class TrainConfig:
     substitute_width: float = 1.0
     substitute_num_classes: int = 200
     substitute_stats: str = "sample"         # sample | batch
-    encoder: str = "flatten"                 # flatten | pooled
+    encoder: str = "flatten"                 # flatten | pooled (pooled for video: flatten is infeasible there)
     bn_affine: bool = True
     # PGD-AT (METHOD.md s. 5)
     at_steps: int = 5
@@ -48,6 +49,12 @@ class TrainConfig:
     device: str = "auto"
     data_root: str | None = None
     num_threads: int | None = None
+    # speed and durability (none of these changes what is trained, only how fast / how safely)
+    amp: str = "auto"                        # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
+    channels_last: bool = False              # channels-last memory format for model and batches
+    compile: bool = False                    # torch.compile the model
+    sync_bn: bool = True                     # distributed runs: synchronise the target's BatchNorm across ranks
+    checkpoint_every: int | None = None      # also checkpoint every N steps mid-epoch (None: epoch ends only)
 
     def validate(self) -> "TrainConfig":
         if self.method not in METHODS:
@@ -61,6 +68,10 @@ class TrainConfig:
             raise AbnnError(f"substitute_stats must be sample or batch, got {self.substitute_stats!r}")
         if self.encoder not in ("flatten", "pooled"):
             raise AbnnError(f"encoder must be flatten or pooled, got {self.encoder!r}")
+        if self.amp not in AMP_MODES:
+            raise AbnnError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise AbnnError(f"checkpoint_every must be >= 1 (or None for epoch ends only), got {self.checkpoint_every}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -12,20 +12,25 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
-from .data.datasets import DATASETS
+from .data.datasets import DATASETS, INPUT_SHAPES
 from .errors import AbnnError
 from .framework import ABNN
-from .models import build_model, vgg19_bn_substitute
+from .models import build_model, r3d18_substitute, vgg19_bn_substitute, with_oudefend
 from .models.io import check_state_dict, load_state_dict_file
 
-INPUT_SHAPES = {"cifar10": (3, 32, 32), "tinyimagenet32": (3, 32, 32)}
+#: pretrained substitute weights that torchvision downloads (the paper's substitutes)
+DOWNLOADABLE = {"IMAGENET1K_V1": {"arch": "vgg19_bn", "width": 1.0, "num_classes": 1000},
+                "KINETICS400_V1": {"arch": "r3d_18", "width": 1.0, "num_classes": 400}}
 
 
-def resolve_substitute(spec: str) -> tuple[str, dict]:
+def resolve_substitute(spec: str) -> tuple[str | None, dict]:
     """Resolve ``--substitute``: a run folder (reads its config and ``model.pt``), a weights
-    file, or ``IMAGENET1K_V1``.  Returns (weights, {arch, width, num_classes} or {})."""
-    if spec == "IMAGENET1K_V1":
-        return spec, {"arch": "vgg19_bn", "width": 1.0, "num_classes": 1000}
+    file, ``IMAGENET1K_V1`` / ``KINETICS400_V1`` (torchvision downloads), or ``random`` (an
+    untrained substitute: smoke runs only).  Returns (weights, {arch, width, num_classes} or {})."""
+    if spec in DOWNLOADABLE:
+        return spec, dict(DOWNLOADABLE[spec])
+    if spec == "random":
+        return None, {}
     p = Path(spec)
     if p.is_dir():
         cfg = TrainConfig.load(p / "config.json") if (p / "config.json").is_file() else None
@@ -38,24 +43,31 @@ def resolve_substitute(spec: str) -> tuple[str, dict]:
         return str(weights), {"arch": cfg.arch, "width": cfg.width, "num_classes": DATASETS[cfg.dataset]["num_classes"]}
     if p.is_file():
         return str(p), {}
-    raise AbnnError(f"substitute {spec!r} is neither a run folder, a weights file nor IMAGENET1K_V1")
+    raise AbnnError(f"substitute {spec!r} is neither a run folder, a weights file, IMAGENET1K_V1, KINETICS400_V1 "
+                    "nor random")
 
 
 def build_substitute(cfg: TrainConfig, *, load_weights: bool = True) -> nn.Module:
+    """The frozen substitute of an ABNN run (VGG-19-BN for images, R3D-18 for video)."""
     weights, meta = resolve_substitute(cfg.substitute) if load_weights else (None, {})
     arch = meta.get("arch", cfg.substitute_arch)
     width = meta.get("width", cfg.substitute_width)
     ncls = meta.get("num_classes", cfg.substitute_num_classes)
     cfg.substitute_arch, cfg.substitute_width, cfg.substitute_num_classes = arch, width, ncls
-    if arch != "vgg19_bn":
-        raise AbnnError(f"image substitute must be vgg19_bn, got {arch!r}")
-    return vgg19_bn_substitute(ncls, width=width, weights=weights)
+    if arch == "vgg19_bn":
+        return vgg19_bn_substitute(ncls, width=width, weights=weights)
+    if arch == "r3d_18":
+        return r3d18_substitute(ncls, width=width, weights=weights)
+    raise AbnnError(f"unknown substitute architecture {arch!r}; use vgg19_bn (images) or r3d_18 (video)")
 
 
 def build_model_from_config(cfg: TrainConfig, *, load_substitute: bool = True) -> nn.Module:
-    """The model of a run: the plain architecture, or ABNN(target, frozen substitute)."""
+    """The model of a run: the plain architecture, with an OUDefend block (``oudefend``), or
+    ABNN(target, frozen substitute)."""
     ncls = DATASETS[cfg.dataset]["num_classes"]
     target = build_model(cfg.arch, num_classes=ncls, width=cfg.width)
+    if cfg.method == "oudefend":
+        return with_oudefend(target, after="layer3")
     if cfg.method != "abnn":
         return target
     substitute = build_substitute(cfg, load_weights=load_substitute)

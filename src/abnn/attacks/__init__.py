@@ -6,6 +6,8 @@ from .autoattack import AutoAttack
 from .pgd import PGD
 from .roa import ROA
 from .square import Square
+from .adaptive import StatisticsAttack, Transfer, TransferAttack
 
 __all__ = ["Attack", "InvalidInputError", "PGD", "ROA"]
 __all__ += ["APGD", "APGDT", "Square", "AutoAttack"]
+__all__ += ["StatisticsAttack", "Transfer", "TransferAttack"]

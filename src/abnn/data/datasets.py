@@ -22,7 +22,7 @@ ENV_VAR = "ABNN_DATA_ROOT"
 
 @dataclass
 class ImageData:
-    """A split held in memory: ``x`` uint8 (N, C, H, W), ``y`` int64 (N,)."""
+    """A split held in memory: ``x`` uint8 (N, C, H, W) images or (N, C, T, H, W) clips, ``y`` int64 (N,)."""
 
     x: Tensor
     y: Tensor
@@ -33,8 +33,9 @@ class ImageData:
     def __post_init__(self) -> None:
         if len(self.x) == 0:
             raise AbnnError(f"dataset {self.name} is empty")
-        if self.x.dtype != torch.uint8 or self.x.dim() != 4:
-            raise AbnnError(f"dataset {self.name}: expected uint8 images (N, C, H, W), got {self.x.dtype} {tuple(self.x.shape)}")
+        if self.x.dtype != torch.uint8 or self.x.dim() not in (4, 5):
+            raise AbnnError(f"dataset {self.name}: expected uint8 images (N, C, H, W) or clips (N, C, T, H, W), "
+                            f"got {self.x.dtype} {tuple(self.x.shape)}")
         if len(self.x) != len(self.y):
             raise AbnnError(f"dataset {self.name}: {len(self.x)} images but {len(self.y)} labels")
 
@@ -155,15 +156,48 @@ def load_tinyimagenet32(split: str = "train", data_root: str | os.PathLike | Non
                          tuple(str(s) for s in t["class_names"]))
 
 
+def load_clips13(split: str = "train", data_root: str | os.PathLike | None = None, *, frames: int = 8) -> ImageData:
+    """The 13 real action clips of ``video_clips_112.npz`` as a tiny in-memory clip dataset for
+    smoke runs of the video pipeline: ``frames`` frames sampled uniformly from each clip's 32,
+    labels indexed over the sorted distinct label names (9 classes).  Train and test are the
+    SAME 13 clips: accuracies on it mean nothing; it only exercises decoding, models, attacks."""
+    from .ucf101 import load_shared_clips, sample_indices
+
+    if split not in ("train", "test"):
+        raise AbnnError(f"clips13 split must be 'train' or 'test', got {split!r}")
+    clips, labels = load_shared_clips(data_root)
+    names = sorted(set(labels))
+    idx = torch.tensor(sample_indices(clips.shape[2], frames))
+    y = torch.tensor([names.index(l) for l in labels], dtype=torch.int64)
+    return ImageData(clips[:, :, idx].contiguous(), y, len(names), f"clips13-{split}", tuple(names))
+
+
+def load_ucf101(split: str = "train", data_root: str | os.PathLike | None = None, *, frames: int = 40,
+                ucf_split: int = 1):
+    """UCF-101 split ``ucf_split`` (official layout, see :mod:`abnn.data.ucf101`), 40 frames at
+    112x112 per video, decoded once and cached on disk.  Not held in memory."""
+    from .ucf101 import UCF101Clips
+
+    if split not in ("train", "test"):
+        raise AbnnError(f"ucf101 split must be 'train' or 'test', got {split!r}")
+    return UCF101Clips(split=ucf_split, train=split == "train", n_frames=frames, data_root=data_root)
+
+
 DATASETS = {
     "cifar10": {"train": "train", "test": "test", "loader": load_cifar10, "num_classes": 10},
     "tinyimagenet32": {"train": "train", "test": "val", "loader": load_tinyimagenet32, "num_classes": 200},
+    "clips13": {"train": "train", "test": "test", "loader": load_clips13, "num_classes": 9},
+    "ucf101": {"train": "train", "test": "test", "loader": load_ucf101, "num_classes": 101},
 }
+
+#: one sample's shape per dataset (ABNN sizes its adaptive layers from it)
+INPUT_SHAPES = {"cifar10": (3, 32, 32), "tinyimagenet32": (3, 32, 32), "clips13": (3, 8, 112, 112),
+                "ucf101": (3, 40, 112, 112)}
 
 
 def load_dataset(name: str, split: str, data_root: str | os.PathLike | None = None, **kwargs) -> ImageData:
-    """Load ``name`` (``cifar10`` or ``tinyimagenet32``), ``split`` in {``train``, ``test``}
-    (``test`` is the validation set for tinyimagenet32)."""
+    """Load ``name`` (``cifar10``, ``tinyimagenet32``, ``clips13``, ``ucf101``), ``split`` in
+    {``train``, ``test``} (``test`` is the validation set for tinyimagenet32)."""
     if name not in DATASETS:
         raise AbnnError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     spec = DATASETS[name]

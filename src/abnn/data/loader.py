@@ -77,10 +77,24 @@ class BatchLoader:
         return idx
 
     def __len__(self) -> int:
+        if self._streamed:
+            n = len(self.data)
+            return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
         n = len(self.data) // self.world_size
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    @property
+    def _streamed(self) -> bool:
+        """Datasets decoded from disk (UCF-101) stream their own batches."""
+        return not isinstance(self.data, ImageData)
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self._streamed:
+            if self.world_size > 1:
+                raise NotImplementedError("distributed sharding of streamed video datasets is not supported yet")
+            yield from self.data.batches(self.batch_size, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
+                                         drop_last=self.drop_last, device=self.device)
+            return
         idx = self._indices()
         g = torch.Generator().manual_seed(self.seed * 7_919 + self.epoch * 31 + self.rank + 1)
         for start in range(0, len(idx), self.batch_size):
@@ -88,7 +102,10 @@ class BatchLoader:
             if self.drop_last and len(batch) < self.batch_size:
                 break
             x = self.data.x[batch]
-            if self.augment:
+            if self.augment and x.dim() == 4:
                 x = augment_crop_flip(x, generator=g)
+            elif self.augment:  # clips: a random horizontal flip per clip
+                flip = (torch.rand(len(batch), generator=g) < 0.5).view(-1, 1, 1, 1, 1)
+                x = torch.where(flip, x.flip(-1), x)
             x = x.to(self.device, non_blocking=True).float().div_(255)
             yield x, self.data.y[batch].to(self.device, non_blocking=True)

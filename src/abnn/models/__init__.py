@@ -8,7 +8,10 @@ from torch import nn
 
 from .common import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, Normalize
 from .io import load_state_dict_file, safe_torch_load
+from .oudefend import OUDefend2d, OUDefend3d, with_oudefend
+from .r3d import R3D18_TAPS, R3D18Substitute, r3d18_substitute
 from .resnet_cifar import RESNET18_STAGES, ResNet20, ResNetCIFAR, resnet18_cifar
+from .resnext3d import RESNEXT3D_STAGES, ResNeXt3D, resnext3d_101
 from .vgg import VGG19_BN_TAPS, VGGSubstitute, vgg19_bn_substitute
 
 __all__ = [
@@ -16,6 +19,8 @@ __all__ = [
     "RESNET18_STAGES", "ResNet20", "ResNetCIFAR", "resnet18_cifar",
     "VGG19_BN_TAPS", "VGGSubstitute", "vgg19_bn_substitute",
     "load_state_dict_file", "safe_torch_load", "resnet20_reference", "build_model", "MODELS",
+    "OUDefend2d", "OUDefend3d", "with_oudefend", "R3D18_TAPS", "R3D18Substitute", "r3d18_substitute",
+    "RESNEXT3D_STAGES", "ResNeXt3D", "resnext3d_101",
 ]
 
 
@@ -32,6 +37,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18_cifar": lambda num_classes=10, width=1.0: resnet18_cifar(num_classes, width=width),
     "vgg19_bn": lambda num_classes=200, width=1.0: vgg19_bn_substitute(num_classes, width=width),
     "resnet20": lambda num_classes=10, width=1.0: ResNet20(num_classes),
+    "resnext3d_101": lambda num_classes=101, width=1.0: resnext3d_101(num_classes, width=width),
+    "resnext3d_101_b1": lambda num_classes=101, width=1.0: resnext3d_101(num_classes, width=width, blocks=(1, 1, 1, 1)),
+    "r3d_18": lambda num_classes=400, width=1.0: r3d18_substitute(num_classes, width=width),
 }
 
 

@@ -47,7 +47,8 @@ def check_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module, path: 
     """Raise a :class:`CheckpointError` naming the file and the first mismatches if ``state``
     does not fit ``model`` (missing/unexpected keys, shape differences such as another class count)."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    # BatchNorm's num_batches_tracked is absent from older checkpoints and unused in eval mode
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and state[k].shape != own[k].shape]

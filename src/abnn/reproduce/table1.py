@@ -30,7 +30,7 @@ _DEFINING = ("method", "dataset", "arch", "width", "epochs", "batch_size", "lr",
 
 
 def _log(msg: str) -> None:
-    tqdm.write(f"[table1] {msg}")
+    tqdm.write(f"[reproduce] {msg}")
 
 
 def _check_same(run: Path, cfg: TrainConfig) -> None:
@@ -64,18 +64,18 @@ def _attack_options(preset: Table1Preset) -> dict:
 
 
 def _stage_eval(run: Path, preset: Table1Preset, data_root: str | None, device: str, *, force: bool,
-                progress: bool) -> dict:
-    out = run / "eval_table1.json"
-    opts = _attack_options(preset)
+                progress: bool, opts: dict | None = None, dataset: str = "cifar10") -> dict:
+    out = run / "eval_table.json"
+    opts = opts or _attack_options(preset)
     if out.is_file() and not force:
         res = read_json(out)
         if res.get("n_eval") == preset.n_eval and res.get("attack_options") == opts and res.get("seed") == preset.seed:
             _log(f"{run.name}: evaluation finished earlier, reused")
             return res
     model, cfg = load_run(run, device=device)
-    data = load_dataset("cifar10", "test", data_root).subset(preset.n_eval)
+    data = load_dataset(dataset, "test", data_root).subset(preset.n_eval)
     attacks = {name: build_attack(name, model, seed=preset.seed, **o) for name, o in opts.items()}
-    _log(f"{run.name}: evaluating clean, PGD, ROA on {len(data)} test images")
+    _log(f"{run.name}: evaluating clean, {', '.join(n.upper() for n in opts)} on {len(data)} test samples")
     t0 = time.perf_counter()
     res = evaluate(model, data, attacks, batch_size=preset.eval_batch_size, device=device, progress=progress)
     res.update({"seconds": time.perf_counter() - t0, "attack_options": opts, "seed": preset.seed})

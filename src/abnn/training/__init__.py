@@ -1,7 +1,7 @@
-"""Training: one loop for every method, the counted cost, atomic checkpoints."""
+"""Training: one loop for every method, the counted cost, atomic checkpoints, distributed runs."""
 
 from .cost import PassCounter, attach_networks
-from .loop import accuracy, batch_loss_for, clean_loss, pgd_at_loss, resolve_device, train
+from .loop import TrainStep, accuracy, batch_loss_for, clean_loss, pgd_at_loss, resolve_amp, resolve_device, train
 
 __all__ = ["PassCounter", "attach_networks", "accuracy", "batch_loss_for", "clean_loss", "pgd_at_loss",
-           "resolve_device", "train"]
+           "resolve_amp", "resolve_device", "train", "TrainStep"]

@@ -98,7 +98,8 @@ class PassCounter:
 
 
 def attach_networks(counter: PassCounter, model: nn.Module) -> PassCounter:
-    """Attach the networks of a model: ``target`` and ``substitute`` for ABNN, else ``model``."""
+    """Attach the networks of a model: ``target`` and ``substitute`` for ABNN, else ``target``;
+    plus ``denoiser`` for a model carrying an OUDefend block."""
     from ..framework import ABNN
 
     if isinstance(model, ABNN):
@@ -106,4 +107,7 @@ def attach_networks(counter: PassCounter, model: nn.Module) -> PassCounter:
         counter.attach("substitute", model.substitute)
     else:
         counter.attach("target", model)
+    denoiser = getattr(model, "oudefend", None)
+    if isinstance(denoiser, nn.Module):  # OUDefend's feature-restoration network (paper eq. 6)
+        counter.attach("denoiser", denoiser)
     return counter
