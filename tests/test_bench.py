@@ -53,3 +53,11 @@ def test_speed_options_are_harmless_on_cpu(tmp_path, fake_data_root, capsys):
         res = json.loads((run / "train_results.json").read_text())
         assert res["amp"] == amp and res["cost_N_per_step"] == 4.0 and res["channels_last"] == bool(extra)
         assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["train_loss"] > 0
+
+
+def test_bench_video_step_reduced_models():
+    from abnn.benchmark import bench_video_step
+
+    res = bench_video_step(full=False, frames=4, steps=1, progress=False)
+    sec = res["reduced"]["seconds_per_step"]
+    assert sec["standard"] > 0 and sec["abnn"] > 0 and res["reduced"]["ratio_abnn_over_standard"] > 0

@@ -413,3 +413,20 @@ def test_decode_real_ucf101_clip(data_root):
         h, w = frames.shape[1:3]
         mine = frames[start:start + 32, (h - 112) // 2:(h - 112) // 2 + 112, (w - 112) // 2:(w - 112) // 2 + 112]
         assert np.abs(mine.astype(np.float64) - ref).mean() < 3
+
+
+def test_training_on_ucf101_layout_reports_skipped_videos(fake_ucf, tmp_path, monkeypatch):
+    """A corrupt video never crashes a run: it is skipped, warned about and counted in the results."""
+    from abnn.config import TrainConfig
+    from abnn.training import train
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))          # the clip cache goes under ~/.cache
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("ABNN_UCF101_ROOT", raising=False)
+    cfg = TrainConfig(method="standard", dataset="ucf101", arch="resnext3d_101_b1", width=0.125, epochs=1,
+                      batch_size=2, lr=0.01, val_size=None, data_root=str(fake_ucf.parent))
+    with pytest.warns(RuntimeWarning, match="v_HandStandPushups_g02_c01"):
+        res = train(cfg, tmp_path / "run", progress=False)
+    assert res["n_skipped_videos"] == 1
+    assert res["skipped_videos"][0]["video"] == "HandStandPushups/v_HandStandPushups_g02_c01.avi"
+    assert res["cost_N_per_step"] == 2.0 and res["final_val_acc"] is not None

@@ -62,6 +62,51 @@ class _PeakRSS:
         self._t.join()
 
 
+def _child_step_memory(kind: str, kwargs: dict, threads: int) -> dict:
+    """In a fresh process: build the models of ``kind``, run two training steps and return the
+    process's peak resident memory (``ru_maxrss``) and its resident size before the first step.
+    A fresh process per measurement: in one long process, memory freed by an earlier method stays
+    mapped and hides the next method's peak."""
+    import resource
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    if kind == "image":
+        model = _build(kwargs["method"], kwargs["width"], kwargs["substitute_width"], kwargs["encoder"],
+                       torch.device("cpu")).train()
+        x = torch.rand(kwargs["batch_size"], 3, 32, 32)
+        y = torch.randint(0, 10, (kwargs["batch_size"],))
+        loss_fn = batch_loss_for(TrainConfig(method=kwargs["method"], at_steps=kwargs["at_steps"]))
+    else:
+        from .models import r3d18_substitute, resnext3d_101
+
+        f = kwargs["frames"]
+        model = ABNN(resnext3d_101(101), r3d18_substitute(400), input_shape=(3, f, 112, 112), encoder="pooled").train()
+        x = torch.rand(kwargs["batch_size"], 3, f, 112, 112)
+        y = torch.randint(0, 101, (kwargs["batch_size"],))
+        loss_fn = batch_loss_for(TrainConfig(method="abnn"))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    before = _rss_bytes()
+    seconds = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        loss, _ = loss_fn(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seconds.append(time.perf_counter() - t0)
+    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_before_step_bytes": before,
+            "seconds_second_step": seconds[-1]}
+
+
+def _in_child(kind: str, kwargs: dict) -> dict:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
+        return ex.submit(_child_step_memory, kind, kwargs, torch.get_num_threads()).result()
+
+
 def _build(method: str, width: float, substitute_width: float, encoder: str, device: torch.device) -> nn.Module:
     target = resnet18_cifar(10, width=width)
     if method != "abnn":
@@ -110,7 +155,11 @@ def bench_train_cost(*, width: float = 1.0, substitute_width: float = 1.0, batch
         with _PeakRSS() as rss:
             for _ in range(max(warmup, 1)):
                 step(m)
-        peak[m] = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else rss.peak - rss.base
+        if dev.type == "cuda":
+            peak[m] = torch.cuda.max_memory_allocated(dev)
+        else:
+            peak[m] = _in_child("image", {"method": m, "width": width, "substitute_width": substitute_width,
+                                          "encoder": encoder, "batch_size": batch_size, "at_steps": at_steps})["peak_rss_bytes"]
         setups[m][3].load_state_dict({})  # count only the timed steps
     for r in range(steps):
         for m in methods:
@@ -122,7 +171,8 @@ def bench_train_cost(*, width: float = 1.0, substitute_width: float = 1.0, batch
         "benchmark": "train-cost", "device": str(dev), "threads": torch.get_num_threads(), "batch_size": batch_size,
         "target": f"resnet18_cifar width {width}", "encoder": encoder, "at_steps": at_steps,
         "substitute": f"vgg19_bn width {substitute_width}", "rounds": steps, "warmup": warmup,
-        "memory_kind": "cuda_max_allocated" if dev.type == "cuda" else "cpu_peak_rss_increase",
+        "memory_kind": ("cuda_max_allocated" if dev.type == "cuda"
+                        else "cpu peak resident memory of a fresh process doing two steps of this method alone"),
         "methods": {},
     }
     for m in methods:
@@ -290,6 +340,80 @@ def bench_throughput(*, width: float = 0.25, substitute_width: float = 0.25, bat
         }
     elif theirs_note:
         res["compare_torchattacks"] = {"skipped": theirs_note}
+    if out:
+        write_json_atomic(Path(out), res)
+    return res
+
+
+def bench_video_step(*, full: bool = True, batch_sizes: tuple[int, ...] = (1, 2), frames: int = 40,
+                     reduced_width: float = 0.125, steps: int = 2, device: str = "cpu", out: str | Path | None = None,
+                     progress: bool = True) -> dict:
+    """Video ABNN training steps (issue figures): seconds per step of the reduced ResNeXt-3D
+    (depth (1,1,1,1), width ``reduced_width``) with and without an R3D-18 substitute, and, with
+    ``full``, peak memory of full-size 3D ResNeXt-101 + R3D-18 ABNN steps at ``batch_sizes`` x
+    ``frames`` frames; the per-clip slope gives the batch that fits in a memory budget."""
+    from .models import r3d18_substitute, resnext3d_101
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+
+    def step_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+        model.train()
+        times = []
+        with _PeakRSS() as rss:
+            for _ in range(steps + 1):
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                t0 = time.perf_counter()
+                loss = nn.functional.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                times.append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else rss.peak - rss.base
+        return statistics.median(times[1:]), peak
+
+    res: dict = {"benchmark": "video-step", "device": str(dev), "threads": torch.get_num_threads(), "frames": frames,
+                 "memory_kind": ("cuda_max_allocated" if dev.type == "cuda"
+                                 else "cpu peak resident memory of a fresh process doing two steps")}
+    x = torch.rand(2, 3, frames, 112, 112, device=dev)
+    y = torch.randint(0, 101, (2,), device=dev)
+    reduced = {}
+    for with_sub in (False, True):
+        target = resnext3d_101(101, width=reduced_width, blocks=(1, 1, 1, 1))
+        model = ABNN(target, r3d18_substitute(400, width=reduced_width), input_shape=(3, frames, 112, 112),
+                     encoder="pooled") if with_sub else target
+        sec, _ = step_time(model.to(dev), x, y)
+        reduced["abnn" if with_sub else "standard"] = sec
+        if progress:
+            print(f"reduced ResNeXt-3D {'with' if with_sub else 'without'} substitute: {sec:.2f} s/step", flush=True)
+    res["reduced"] = {"target": f"resnext3d (1,1,1,1) width {reduced_width}", "substitute": f"r3d_18 width {reduced_width}",
+                      "batch": 2, "seconds_per_step": reduced, "ratio_abnn_over_standard": reduced["abnn"] / reduced["standard"]}
+    if full:
+        rows = {}
+        for b in batch_sizes:
+            if dev.type == "cuda":
+                model = ABNN(resnext3d_101(101), r3d18_substitute(400), input_shape=(3, frames, 112, 112),
+                             encoder="pooled").to(dev)
+                xb = torch.rand(b, 3, frames, 112, 112, device=dev)
+                sec, peak = step_time(model, xb, torch.randint(0, 101, (b,), device=dev))
+            else:  # a fresh process per batch size: the true peak of the whole process
+                r = _in_child("video", {"batch_size": b, "frames": frames})
+                sec, peak = r["seconds_second_step"], r["peak_rss_bytes"]
+            rows[b] = {"seconds_per_step": sec, "peak_memory_gib": peak / 2**30}
+            if progress:
+                print(f"full ResNeXt-101 + R3D-18 ABNN, batch {b}x{frames}: {sec:.1f} s/step, peak {peak / 2**30:.2f} GiB",
+                      flush=True)
+        res["full"] = {"target": "resnext3d_101 (3,4,23,3) card. 32", "substitute": "r3d_18", "rows": rows}
+        if len(rows) >= 2:
+            (b0, r0), (b1, r1) = sorted(rows.items())[:2]
+            slope = (r1["peak_memory_gib"] - r0["peak_memory_gib"]) / (b1 - b0)
+            base = r0["peak_memory_gib"] - slope * b0
+            res["full"]["gib_per_clip"] = slope
+            res["full"]["batch_fitting_24gib_estimate"] = int((24 - base) // slope) if slope > 0 else None
     if out:
         write_json_atomic(Path(out), res)
     return res

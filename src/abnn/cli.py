@@ -123,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="train-cost: time one training step per method in one process on one batch. "
                                    "throughput: training images/s per method, inference images/s, PGD steps/s "
                                    "(batch x steps / seconds), optionally against torchattacks' PGD.")
-    p.add_argument("what", choices=("train-cost", "throughput"))
+    p.add_argument("what", choices=("train-cost", "throughput", "video-step"),
+                   help="train-cost: ms per step per method; throughput: images/s and attack steps/s; "
+                        "video-step: video ABNN step time and full-size ResNeXt-101 memory")
     p.add_argument("--width", type=float, default=None,
                    help="ResNet-18 width (default 1.0, the paper's, for train-cost; 0.25 for throughput)")
     p.add_argument("--substitute-width", type=float, default=None,
@@ -300,6 +302,12 @@ def cmd_bench(a: argparse.Namespace) -> int:
     default_width = 1.0 if a.what == "train-cost" else 0.25
     width = a.width if a.width is not None else default_width
     sub_width = a.substitute_width if a.substitute_width is not None else default_width
+    if a.what == "video-step":
+        from .benchmark import bench_video_step
+
+        res = bench_video_step(device=str(resolve_device(a.device)), out=a.out, progress=not a.no_progress)
+        print(json.dumps(res, indent=2))
+        return 0
     if a.what == "throughput":
         res = bench_throughput(width=width, substitute_width=sub_width, batch_size=a.batch_size, iters=a.steps,
                                warmup=a.warmup, at_steps=a.at_steps, attack_steps=a.attack_steps, encoder=a.encoder,

@@ -95,11 +95,12 @@ class Attack:
         return {k: v for k, v in vars(self).items() if k != "model"}
 
     def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={_fmt(v)}" for k, v in self.settings().items())
+        opts = ", ".join(f"{k}={_fmt(v) if k in ('eps', 'alpha') else repr(v)}" for k, v in self.settings().items())
         return f"{type(self).__name__}({opts})"
 
 
 def _fmt(v: Any) -> str:
+    """Pixel budgets read best as k/255."""
     if isinstance(v, float) and 0 < v < 1:
         k = v * 255
         if abs(k - round(k)) < 1e-6:

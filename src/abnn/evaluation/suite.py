@@ -627,7 +627,7 @@ def write_suite_report(res: dict, out_dir: str | os.PathLike) -> None:
     lines += [f"## Verdict: **{res['verdict']}**", "",
               f"Clean accuracy **{_pct(res['clean_acc'])}%**; robust accuracy, per-sample worst case over all attacks"
               f"{' and evaluation protocols' if res.get('batch_checks') else ''}: **{_pct(res['robust_acc'])}%** "
-              f"(paper's PGD-5: {_pct(res['attacks']['pgd-5']['robust_acc'])}%).", ""]
+              f"(measured with the paper's attack, PGD-5: {_pct(res['attacks']['pgd-5']['robust_acc'])}%).", ""]
     if res["flags"]:
         lines += ["Flags:", ""] + [f"- {f}" for f in res["flags"]] + [""]
     else:

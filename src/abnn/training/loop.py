@@ -407,6 +407,10 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
         if cfg.method == "abnn":
             results["substitute"] = {"source": cfg.substitute, "arch": cfg.substitute_arch, "width": cfg.substitute_width,
                                      "stats": cfg.substitute_stats, "encoder": cfg.encoder}
+        skipped = [*getattr(train_data, "skipped", []), *getattr(val_data, "skipped", [])]
+        if hasattr(train_data, "skipped"):  # videos that could not be decoded (UCF-101): never silent
+            results["skipped_videos"] = [{"video": v, "reason": r} for v, r in skipped]
+            results["n_skipped_videos"] = len(skipped)
         write_json_atomic(run / "train_results.json", results)
     barrier(ctx)
     if not ctx.is_main:
