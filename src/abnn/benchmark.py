@@ -152,9 +152,8 @@ def bench_train_cost(*, width: float = 1.0, substitute_width: float = 1.0, batch
     for m in methods:  # warm-up, and the memory peak of one step per method
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        with _PeakRSS() as rss:
-            for _ in range(max(warmup, 1)):
-                step(m)
+        for _ in range(max(warmup, 1)):
+            step(m)
         if dev.type == "cuda":
             peak[m] = torch.cuda.max_memory_allocated(dev)
         else:

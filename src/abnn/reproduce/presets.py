@@ -54,6 +54,8 @@ class Table1Preset:
     eval_batch_size: int = 250
     roa_stride: int = 1
     seed: int = 0
+    n_examples: int = 6
+    dataset: str = "cifar10"
     extra: dict = field(default_factory=dict)
 
     def substitute_config(self) -> TrainConfig:
@@ -67,6 +69,13 @@ class Table1Preset:
                            train_size=self.train_size, val_size=self.val_size, at_steps=self.at_steps,
                            substitute=substitute if method == "abnn" else None,
                            full_cifar10=self.full_cifar10)
+
+    def attack_options(self) -> dict:
+        """The paper's evaluation attacks for images (METHOD.md s. 4)."""
+        return {
+            "pgd": {"eps": 8 / 255, "alpha": 2 / 255, "steps": 5, "random_start": True},
+            "roa": {"search": "exhaustive", "stride": self.roa_stride, "alpha": 70 / 255, "steps": 5, "fill": 0.5},
+        }
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -127,6 +136,7 @@ class VideoPreset:
     eval_batch_size: int = 13
     roa_positions: str = "random"
     seed: int = 0
+    n_examples: int = 2
 
     def method_config(self, method: str) -> TrainConfig:
         return TrainConfig(method=method, dataset=self.dataset, arch=self.arch, width=self.width, epochs=self.epochs,

@@ -20,6 +20,7 @@ from ..errors import AbnnError
 from ..evaluation import build_attack, evaluate
 from ..runs import load_run, read_json
 from ..training import train
+from ..training.checkpoint import save_atomic
 from ..training.loop import software_versions
 from .presets import METHOD_NAMES, PAPER_TABLE1, Table1Preset
 
@@ -56,24 +57,17 @@ def _stage_train(run: Path, cfg: TrainConfig, *, force: bool, progress: bool) ->
     return train(cfg, run, resume=resume, progress=progress)
 
 
-def _attack_options(preset: Table1Preset) -> dict:
-    return {
-        "pgd": {"eps": 8 / 255, "alpha": 2 / 255, "steps": 5, "random_start": True},
-        "roa": {"search": "exhaustive", "stride": preset.roa_stride, "alpha": 70 / 255, "steps": 5, "fill": 0.5},
-    }
-
-
-def _stage_eval(run: Path, preset: Table1Preset, data_root: str | None, device: str, *, force: bool,
-                progress: bool, opts: dict | None = None, dataset: str = "cifar10") -> dict:
+def _stage_eval(run: Path, preset, data_root: str | None, device: str, *, force: bool, progress: bool) -> dict:
+    """Clean and robust accuracy of a finished run under the preset's attacks (cached)."""
     out = run / "eval_table.json"
-    opts = opts or _attack_options(preset)
+    opts = preset.attack_options()
     if out.is_file() and not force:
         res = read_json(out)
         if res.get("n_eval") == preset.n_eval and res.get("attack_options") == opts and res.get("seed") == preset.seed:
             _log(f"{run.name}: evaluation finished earlier, reused")
             return res
-    model, cfg = load_run(run, device=device)
-    data = load_dataset(dataset, "test", data_root).subset(preset.n_eval)
+    model, _ = load_run(run, device=device)
+    data = load_dataset(preset.dataset, "test", data_root).subset(preset.n_eval)
     attacks = {name: build_attack(name, model, seed=preset.seed, **o) for name, o in opts.items()}
     _log(f"{run.name}: evaluating clean, {', '.join(n.upper() for n in opts)} on {len(data)} test samples")
     t0 = time.perf_counter()
@@ -83,27 +77,46 @@ def _stage_eval(run: Path, preset: Table1Preset, data_root: str | None, device: 
     return res
 
 
-def _examples(out: Path, preset: Table1Preset, data_root: str | None, device: str) -> Path:
-    """Clean images, PGD and ROA adversarial examples on the ABNN model (Figure 3)."""
+def _examples(out: Path, preset, data_root: str | None, device: str) -> Path:
+    """Clean inputs with their PGD and ROA adversarial examples on the ABNN model (Figure 3)."""
     path = out / "examples.pt"
     if path.is_file():
         return path
     method = "abnn" if "abnn" in preset.methods else preset.methods[0]
     model, _ = load_run(out / method, device=device)
-    data = load_dataset("cifar10", "test", data_root).subset(6)
-    x, y = data.float_batch(slice(None))
+    data = load_dataset(preset.dataset, "test", data_root).subset(preset.n_examples)
+    x, y = data.float_batch(slice(None)) if hasattr(data, "float_batch") else next(iter(data.batches(preset.n_examples)))
     x, y = x.to(device), y.to(device)
-    opts = _attack_options(preset)
+    opts = preset.attack_options()
     x_pgd = build_attack("pgd", model, seed=preset.seed, **opts["pgd"])(x, y)
     x_roa = build_attack("roa", model, seed=preset.seed, **opts["roa"])(x, y)
     with torch.no_grad():
         preds = {k: model(v).argmax(1).cpu() for k, v in (("clean", x), ("pgd", x_pgd), ("roa", x_roa))}
-    from ..training.checkpoint import save_atomic
-
+    names = getattr(data, "class_names", ()) or getattr(data, "classes", ())
     save_atomic({"method": method, "x": x.cpu(), "y": y.cpu(), "x_pgd": x_pgd.cpu(), "x_roa": x_roa.cpu(),
                  "pred_clean": preds["clean"], "pred_pgd": preds["pgd"], "pred_roa": preds["roa"],
-                 "class_names": list(data.class_names)}, path)
+                 "class_names": list(names)}, path)
     return path
+
+
+def _record(method: str, cfg: TrainConfig, tr: dict, ev: dict, paper: dict) -> dict:
+    """One RobustBench-like results record of a trained and evaluated method."""
+    rec = {
+        "method": method, "name": METHOD_NAMES[method], "dataset": cfg.dataset, "architecture": cfg.arch,
+        "width": cfg.width, "epochs": cfg.epochs, "train_size": tr["train_size"], "batch_size": cfg.batch_size,
+        "clean_acc": ev["clean_acc"], "robust_acc": ev["robust_acc"], "n_eval": ev["n_eval"],
+        "attacks": ev["attacks"], "attack_seconds": ev["attack_seconds"],
+        "cost_N_per_step": tr["cost_N_per_step"], "cost_counts": tr["cost"]["per_network"],
+        "train_seconds": tr["train_seconds"], "seconds_per_step": tr["seconds_per_step"],
+        "threads": tr.get("threads"), "device": tr.get("device"), "seed": cfg.seed,
+        "versions": software_versions(), "paper": paper,
+    }
+    if "skipped_videos" in tr:
+        rec["skipped_videos"] = tr["skipped_videos"]
+    if method == "abnn":
+        rec["substitute"] = {"source": cfg.substitute, "arch": cfg.substitute_arch, "width": cfg.substitute_width,
+                             "stats": cfg.substitute_stats, "encoder": cfg.encoder}
+    return rec
 
 
 def run_table1(preset: Table1Preset, out: str | Path, *, data_root: str | None = None, device: str = "cpu",
@@ -141,18 +154,9 @@ def run_table1(preset: Table1Preset, out: str | Path, *, data_root: str | None =
         cfg.device = device
         tr = _stage_train(out / method, cfg, force=force, progress=progress)
         ev = _stage_eval(out / method, preset, data_root, device, force=force, progress=progress)
-        rec = {
-            "method": method, "name": METHOD_NAMES[method], "dataset": "cifar10", "architecture": "resnet18_cifar",
-            "width": cfg.width, "epochs": cfg.epochs, "train_size": tr["train_size"], "batch_size": cfg.batch_size,
-            "clean_acc": ev["clean_acc"], "robust_acc": ev["robust_acc"], "n_eval": ev["n_eval"],
-            "attacks": ev["attacks"], "attack_seconds": ev["attack_seconds"],
-            "cost_N_per_step": tr["cost_N_per_step"], "cost_counts": tr["cost"]["per_network"],
-            "train_seconds": tr["train_seconds"], "seconds_per_step": tr["seconds_per_step"],
-            "threads": tr.get("threads"), "device": tr.get("device"), "seed": cfg.seed,
-            "versions": software_versions(), "paper": PAPER_TABLE1[method],
-        }
+        rec = _record(method, cfg, tr, ev, PAPER_TABLE1[method])
         if method == "abnn":
-            rec["substitute"] = {**substitute_info, "stats": cfg.substitute_stats, "encoder": cfg.encoder}
+            rec["substitute"].update({k: v for k, v in substitute_info.items() if k != "source"})
         records.append(rec)
 
     examples = _examples(out, preset, data_root, device)
