@@ -104,15 +104,20 @@ def figure_examples(ex: dict, path: Path, magnify: float = 15.0) -> None:
     plt.close(fig)
 
 
+def _write_figures(out: Path, records: list[dict], title: str, examples_path: Path | None, examples_fn) -> None:
+    """accuracy.png, training_cost.png and, when examples were saved, examples.png."""
+    figure_accuracy(records, out / "accuracy.png", title)
+    figure_cost(records, out / "training_cost.png", title)
+    if examples_path is not None and Path(examples_path).is_file():
+        examples_fn(torch.load(examples_path, map_location="cpu", weights_only=True), out / "examples.png")
+
+
 def write_table1_report(out: Path, results: dict, examples_path: Path | None = None) -> None:
     out = Path(out)
     records = results["records"]
     preset = results["preset"]
     title = f"Table 1 reproduction, preset {preset['name']}"
-    figure_accuracy(records, out / "accuracy.png", title)
-    figure_cost(records, out / "training_cost.png", title)
-    if examples_path is not None and Path(examples_path).is_file():
-        figure_examples(torch.load(examples_path, map_location="cpu", weights_only=True), out / "examples.png")
+    _write_figures(out, records, title, examples_path, figure_examples)
 
     by = {r["method"]: r for r in records}
     lines = [f"# {title}", "",
@@ -220,10 +225,7 @@ def write_video_report(out: Path, results: dict, examples_path: Path | None = No
     records = results["records"]
     preset = results["preset"]
     title = f"Tables 2 and 3 reproduction (video), preset {preset['name']}"
-    figure_accuracy(records, out / "accuracy.png", title)
-    figure_cost(records, out / "training_cost.png", title)
-    if examples_path is not None and Path(examples_path).is_file():
-        figure_video_examples(torch.load(examples_path, map_location="cpu", weights_only=True), out / "examples.png")
+    _write_figures(out, records, title, examples_path, figure_video_examples)
     v = records[0]["versions"]
     lines = [f"# {title}", "",
              f"Generated {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by `abnn` {v['abnn']} "
