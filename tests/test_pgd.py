@@ -122,3 +122,54 @@ def test_pgd_rejects_bad_labels(trained_tiny):
 def test_repr_shows_settings(trained_tiny):
     r = repr(PGD(trained_tiny[0], eps=8 / 255, alpha=2 / 255, steps=5))
     assert "eps=8/255" in r and "steps=5" in r
+
+
+class _BatchSizes(nn.Module):
+    """Records the batch size and memory layout of every forward call of the wrapped model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.sizes, self.channels_last = model, [], []
+
+    def forward(self, x):
+        self.sizes.append(x.shape[0])
+        self.channels_last.append(x.dim() == 4 and not x.is_contiguous()
+                                  and x.is_contiguous(memory_format=torch.channels_last))
+        return self.model(x)
+
+
+def test_pgd_restarts_attack_only_the_samples_not_fooled_yet(trained_tiny):
+    model, x, y = trained_tiny
+    spy = _BatchSizes(model).eval()  # the attack restores the mode it found
+    steps = 1
+    one = PGD(spy, eps=8 / 255, alpha=4 / 255, steps=steps, seed=3)(x, y)
+    spy.sizes.clear()
+    many = PGD(spy, eps=8 / 255, alpha=4 / 255, steps=steps, restarts=3, seed=3)(x, y)
+    with torch.no_grad():
+        fooled_first = model(one).argmax(1) != y
+        fooled_many = model(many).argmax(1) != y
+    # the first restart is the single-restart run (same seed); a fooled sample stays fooled
+    assert 0 < int(fooled_first.sum()) < len(x)
+    assert bool((fooled_many >= fooled_first).all())
+    # restart 2 crafts on the survivors of restart 1 only: its forward passes see that many samples
+    survivors = len(x) - int(fooled_first.sum())
+    assert spy.sizes[:steps + 1] == [len(x)] * (steps + 1)
+    assert spy.sizes[steps + 1] == survivors
+
+
+def test_attacks_run_channels_last_on_cpu_and_return_the_input_layout(trained_tiny):
+    model, x, y = trained_tiny
+    spy = _BatchSizes(model).eval()  # the attack restores the mode it found
+    auto = PGD(spy, steps=2, seed=0)(x, y)
+    assert all(spy.channels_last) and auto.is_contiguous()
+    spy.channels_last.clear()
+    plain = PGD(spy, steps=2, seed=0, channels_last=False)(x, y)
+    assert not any(spy.channels_last) and plain.is_contiguous()
+    # same attack, another memory layout: identical up to float rounding of the kernels
+    assert (auto - plain).abs().gt(1e-5).float().mean() < 0.01
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    assert PGD(model, steps=1, seed=0)(x_cl, y).is_contiguous(memory_format=torch.channels_last)
+    clips = torch.rand(2, 3, 4, 8, 8)
+    assert PGD(model, channels_last=None).memory_format(clips) is None
+    assert PGD(model, channels_last=True).memory_format(clips) is torch.channels_last_3d
+    assert "channels_last" not in repr(PGD(model)) and "channels_last=False" in repr(PGD(model, channels_last=False))

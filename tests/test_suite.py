@@ -199,6 +199,42 @@ def test_honest_model_curves_and_pass(honest_suite) -> None:
     assert "Verdict: **PASS**" in md and "| square |" in md and "worst case" in md
 
 
+def test_interrupted_suite_resumes_to_the_same_results(models, honest_suite, tmp_path, monkeypatch) -> None:
+    from abnn.attacks import Square
+
+    reference, _ = honest_suite
+    progress = tmp_path / "suite-progress.pt"
+    kwargs = dict(eps=16 / 255, budget=TINY, quick=True, batch_size=16, seed=0, progress=False,
+                  source_models={"other": models["other"]}, progress_file=progress)
+
+    def killed(self, x, y):
+        raise KeyboardInterrupt  # the process dies in the middle of the suite
+
+    with monkeypatch.context() as m:
+        m.setattr(Square, "perturb", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_suite(models["honest"], (models["x"], models["y"]), out_dir=tmp_path / "a", **kwargs)
+    assert progress.is_file() and not (tmp_path / "a" / "suite.json").exists()
+
+    res = run_suite(models["honest"], (models["x"], models["y"]), out_dir=tmp_path / "a", **kwargs)
+    assert res["resumed_attacks"] == ["pgd-5", "pgd-5x1", "apgd-ce", "apgd-dlr", "apgd-t"]
+    assert not progress.exists()  # a complete suite needs no progress file
+    for key in ("clean_acc", "robust_acc", "eps_curve", "steps_curve", "verdict"):
+        assert res[key] == reference[key], key
+    assert {k: r["robust_acc"] for k, r in res["attacks"].items()} == \
+        {k: r["robust_acc"] for k, r in reference["attacks"].items()}
+    assert res["worst_case"] == reference["worst_case"]
+
+    # a progress file of another suite (other seed) is not used
+    with monkeypatch.context() as m:
+        m.setattr(Square, "perturb", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_suite(models["honest"], (models["x"], models["y"]), **kwargs)
+    with pytest.warns(UserWarning, match="other settings"):
+        other = run_suite(models["honest"], (models["x"], models["y"]), **{**kwargs, "seed": 1})
+    assert other["resumed_attacks"] == []
+
+
 def test_masked_model_is_suspect(models, tmp_path) -> None:
     res = run_suite(models["masked"], (models["x"], models["y"]), eps=16 / 255, budget=TINY, quick=True,
                     batch_size=16, seed=0, out_dir=tmp_path, progress=False,

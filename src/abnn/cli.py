@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "eps/steps sanity curves, gradient-masking flags); 'quick' scales the budgets down for CPU")
     p.add_argument("--source", action="append", default=None, metavar="[NAME=]RUN",
                    help="with --suite: a finished run folder to transfer attacks from (repeatable)")
+    p.add_argument("--fresh", action="store_true",
+                   help="with --suite: discard the progress of an interrupted suite in the output folder "
+                        "(suite-progress.pt) and start over; by default the suite continues from it")
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -227,7 +230,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         res = run_suite_on_run(a.run, n_eval=a.n_eval, batch_size=a.batch_size, data_root=a.data_root,
                                device=str(resolve_device(a.device)), seed=a.seed,
                                eps=None if a.eps is None else a.eps / 255, out_dir=a.out, quick=a.suite == "quick",
-                               source_models=sources, progress=not a.no_progress)
+                               source_models=sources, progress=not a.no_progress, resume=not a.fresh)
         print(json.dumps({k: res[k] for k in ("run", "method", "n_eval", "clean_acc", "robust_acc", "verdict", "flags")}))
         return 0
     attacks = a.attack or ["pgd"]

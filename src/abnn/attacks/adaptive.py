@@ -72,7 +72,7 @@ class StatisticsAttack(Attack):
         steps: iterations.
         weight: weight of the statistics term ``D``.
         random_start: start from a uniform point in the eps-ball.
-        seed: see :class:`~abnn.attacks.base.Attack`.
+        seed, channels_last: see :class:`~abnn.attacks.base.Attack`.
 
     Example::
 
@@ -80,8 +80,9 @@ class StatisticsAttack(Attack):
     """
 
     def __init__(self, model: nn.Module, *, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 50,
-                 weight: float = 1.0, random_start: bool = True, seed: int | None = None) -> None:
-        super().__init__(model, seed=seed)
+                 weight: float = 1.0, random_start: bool = True, seed: int | None = None,
+                 channels_last: bool | None = None) -> None:
+        super().__init__(model, seed=seed, channels_last=channels_last)
         _check_abnn(model)
         if eps < 0 or alpha <= 0 or steps < 0 or weight < 0:
             raise ValueError(f"need eps >= 0, alpha > 0, steps >= 0, weight >= 0; got {eps}, {alpha}, {steps}, {weight}")

@@ -84,7 +84,7 @@ class APGD(Attack):
         loss: ``"ce"`` (cross-entropy) or ``"dlr"`` (Difference of Logits Ratio, needs K >= 3).
         restarts: random restarts; each runs only on the samples not fooled yet.
         rho: condition-1 threshold (fraction of steps that must increase the loss).
-        seed: see :class:`~abnn.attacks.base.Attack`.
+        seed, channels_last: see :class:`~abnn.attacks.base.Attack`.
 
     Example::
 
@@ -92,8 +92,9 @@ class APGD(Attack):
     """
 
     def __init__(self, model: nn.Module, *, eps: float = 8 / 255, steps: int = 100, loss: str = "ce",
-                 restarts: int = 1, rho: float = 0.75, seed: int | None = None) -> None:
-        super().__init__(model, seed=seed)
+                 restarts: int = 1, rho: float = 0.75, seed: int | None = None,
+                 channels_last: bool | None = None) -> None:
+        super().__init__(model, seed=seed, channels_last=channels_last)
         if eps < 0 or steps < 1 or restarts < 1 or not 0 < rho <= 1:
             raise ValueError(f"need eps >= 0, steps >= 1, restarts >= 1, 0 < rho <= 1; got {eps}, {steps}, {restarts}, {rho}")
         if loss not in ("ce", "dlr"):
@@ -240,13 +241,14 @@ class APGDT(APGD):
         n_target_classes: number of target classes (clipped to K - 1; ``None`` = all K - 1).
         restarts: restarts per target class.
         rho: condition-1 threshold.
-        seed: see :class:`~abnn.attacks.base.Attack`.
+        seed, channels_last: see :class:`~abnn.attacks.base.Attack`.
     """
 
     def __init__(self, model: nn.Module, *, eps: float = 8 / 255, steps: int = 100,
                  n_target_classes: int | None = 9, restarts: int = 1, rho: float = 0.75,
-                 seed: int | None = None) -> None:
-        super().__init__(model, eps=eps, steps=steps, loss="ce", restarts=restarts, rho=rho, seed=seed)
+                 seed: int | None = None, channels_last: bool | None = None) -> None:
+        super().__init__(model, eps=eps, steps=steps, loss="ce", restarts=restarts, rho=rho, seed=seed,
+                         channels_last=channels_last)
         if n_target_classes is not None and n_target_classes < 1:
             raise ValueError(f"n_target_classes must be >= 1 or None, got {n_target_classes}")
         self.loss_type = "dlr-targeted"

@@ -62,6 +62,7 @@ class AutoAttack(Attack):
         queries: Square's query budget.
         attacks: override of the attack list (names above), in running order.
         seed: passed to every component (see :class:`~abnn.attacks.base.Attack`).
+        channels_last: passed to every component (see :class:`~abnn.attacks.base.Attack`).
 
     Example::
 
@@ -70,8 +71,9 @@ class AutoAttack(Attack):
     """
 
     def __init__(self, model: nn.Module, *, eps: float = 8 / 255, version: str = "standard", steps: int = 100,
-                 queries: int = 5000, attacks: Sequence[str] | None = None, seed: int | None = None) -> None:
-        super().__init__(model, seed=seed)
+                 queries: int = 5000, attacks: Sequence[str] | None = None, seed: int | None = None,
+                 channels_last: bool | None = None) -> None:
+        super().__init__(model, seed=seed, channels_last=channels_last)
         if version not in ("standard", "plus"):
             raise ValueError(f"version must be 'standard' or 'plus', got {version!r}")
         if eps < 0 or steps < 1 or queries < 1:
@@ -95,15 +97,15 @@ class AutoAttack(Attack):
         """The configured component attack ``name`` (one of ``ATTACKS``)."""
         plus = self.version == "plus"
         r = 5 if plus else 1
+        common = {"eps": self.eps, "seed": self.seed, "channels_last": self.channels_last}
         if name == "apgd-ce":
-            return APGD(self.model, eps=self.eps, steps=self.steps, loss="ce", restarts=r, seed=self.seed)
+            return APGD(self.model, steps=self.steps, loss="ce", restarts=r, **common)
         if name == "apgd-dlr":
-            return APGD(self.model, eps=self.eps, steps=self.steps, loss="dlr", restarts=r, seed=self.seed)
+            return APGD(self.model, steps=self.steps, loss="dlr", restarts=r, **common)
         if name == "apgd-t":
-            return APGDT(self.model, eps=self.eps, steps=self.steps, n_target_classes=None if plus else 9,
-                         restarts=1, seed=self.seed)
+            return APGDT(self.model, steps=self.steps, n_target_classes=None if plus else 9, restarts=1, **common)
         if name == "square":
-            return Square(self.model, eps=self.eps, queries=self.queries, p_init=0.8, restarts=r, seed=self.seed)
+            return Square(self.model, queries=self.queries, p_init=0.8, restarts=r, **common)
         raise ValueError(f"unknown attack {name!r}; choose from {ATTACKS}")
 
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:

@@ -4,9 +4,10 @@
 
 On every call the base class: validates the input (a float tensor (B, C, ...) in [0, 1], finite,
 labels (B,)), puts the model in eval mode and restores its previous mode afterwards, never
-mutates ``x``, seeds its own generator when ``seed`` is set, and checks that the result is in
-[0, 1].  Attacks differentiate with ``torch.autograd.grad`` w.r.t. the input only, so parameter
-``.grad`` fields are never touched.  Subclasses implement :meth:`perturb` alone.
+mutates ``x``, and seeds its own generator when ``seed`` is set.  Attacks differentiate with
+``torch.autograd.grad`` w.r.t. the input only, so parameter ``.grad`` fields are never touched.
+On the CPU, image attacks run in the channels-last memory format (``channels_last``): the same
+attack, about 1.2-1.3x faster.  Subclasses implement :meth:`perturb` alone.
 """
 
 from __future__ import annotations
@@ -33,11 +34,18 @@ class Attack:
         model: any ``nn.Module`` mapping [0, 1] inputs of shape (B, C, ...) to logits (B, K).
         seed: when set, every call draws its randomness from a generator seeded with it, so the
             same input gives the same adversarial example; ``None`` uses the global RNG.
+        channels_last: run the attack on a channels-last copy of the input (``channels_last_3d``
+            for clips).  ``None`` (default): on for image batches (B, C, H, W) on the CPU, where
+            oneDNN's convolutions (forward and input-gradient) are about 1.2-1.3x faster in that
+            layout (``abnn bench throughput``), off otherwise.  Only the memory layout changes,
+            not the values: the result is returned in the input's layout, and gradients agree
+            with the default layout up to float rounding (the summation order of the kernels).
     """
 
-    def __init__(self, model: nn.Module, *, seed: int | None = None) -> None:
+    def __init__(self, model: nn.Module, *, seed: int | None = None, channels_last: bool | None = None) -> None:
         self.model = model
         self.seed = seed
+        self.channels_last = channels_last
 
     # subclasses implement this ---------------------------------------------------------------
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -46,16 +54,30 @@ class Attack:
     # the contract -----------------------------------------------------------------------------
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
         self._validate(x, y)
+        fmt = self.memory_format(x)
+        x_in = x.detach() if fmt is None else x.detach().contiguous(memory_format=fmt)
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.enable_grad():
-                x_adv = self.perturb(x.detach(), y.detach())
+                x_adv = self.perturb(x_in, y.detach())
         finally:
             self.model.train(was_training)
-        return x_adv.detach()
+        x_adv = x_adv.detach()
+        if fmt is not None and x.is_contiguous():
+            x_adv = x_adv.contiguous()
+        return x_adv
 
     forward = __call__
+
+    def memory_format(self, x: Tensor) -> torch.memory_format | None:
+        """The layout the attack runs in for input ``x`` (``None``: as given); see ``channels_last``."""
+        use = self.channels_last
+        if use is None:
+            use = x.dim() == 4 and x.device.type == "cpu"
+        if not use or x.dim() not in (4, 5):
+            return None
+        return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         """A fresh generator seeded with ``seed`` (or ``None`` for the global RNG)."""
@@ -92,7 +114,8 @@ class Attack:
 
     def settings(self) -> dict[str, Any]:
         """The attack's settings (for reports)."""
-        return {k: v for k, v in vars(self).items() if k != "model"}
+        return {k: v for k, v in vars(self).items()
+                if k != "model" and not (k == "channels_last" and v is None)}
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={_fmt(v) if k in ('eps', 'alpha') else repr(v)}" for k, v in self.settings().items())

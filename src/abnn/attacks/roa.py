@@ -56,6 +56,7 @@ class ROA(Attack):
         steps: sign steps.
         video_positions: ``"random"`` or ``"search"`` (clips only).
         seed: see :class:`~abnn.attacks.base.Attack` (used by ``video_positions="random"``).
+        channels_last: see :class:`~abnn.attacks.base.Attack`.
         search_batch: images per forward during the search; a clip candidate counts as T images,
             so ``max(1, search_batch // T)`` clips go through at once.  For a model whose output
             depends on the batch, the candidates' losses depend on this grouping.
@@ -70,8 +71,8 @@ class ROA(Attack):
     def __init__(self, model: nn.Module, *, size: int | None = None, stride: int = 1,
                  search: str = "exhaustive", top_k: int = 20, fill: float = 0.5,
                  alpha: float = 70 / 255, steps: int = 5, video_positions: str = "random",
-                 seed: int | None = None, search_batch: int = 1024) -> None:
-        super().__init__(model, seed=seed)
+                 seed: int | None = None, search_batch: int = 1024, channels_last: bool | None = None) -> None:
+        super().__init__(model, seed=seed, channels_last=channels_last)
         if size is not None and (not isinstance(size, int) or size < 1):
             raise ValueError(f"size must be a positive int or None, got {size!r}")
         if not isinstance(stride, int) or stride < 1:

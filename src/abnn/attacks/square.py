@@ -60,12 +60,12 @@ class Square(Attack):
         p_init: initial fraction of pixels covered by a square (0.8, as in AutoAttack; the paper
             tunes it per dataset).
         restarts: restarts (fresh stripes) on the samples not yet fooled.
-        seed: see :class:`~abnn.attacks.base.Attack`.
+        seed, channels_last: see :class:`~abnn.attacks.base.Attack`.
     """
 
     def __init__(self, model: nn.Module, *, eps: float = 8 / 255, queries: int = 1000, p_init: float = 0.8,
-                 restarts: int = 1, seed: int | None = None) -> None:
-        super().__init__(model, seed=seed)
+                 restarts: int = 1, seed: int | None = None, channels_last: bool | None = None) -> None:
+        super().__init__(model, seed=seed, channels_last=channels_last)
         if eps < 0 or queries < 1 or restarts < 1 or not 0 < p_init <= 1:
             raise ValueError(f"need eps >= 0, queries >= 1, restarts >= 1, 0 < p_init <= 1; got {eps}, {queries}, {restarts}, {p_init}")
         self.eps = eps

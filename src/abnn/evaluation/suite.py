@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import os
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Callable
@@ -45,14 +47,18 @@ from ..attacks import APGD, APGDT, PGD, Attack, Square
 from ..attacks.adaptive import StatisticsAttack, Transfer
 from ..config import write_json_atomic
 from ..data import ImageData, load_dataset
-from ..errors import AbnnError
+from ..errors import AbnnError, CheckpointError
 from ..framework import ABNN, replace_adaptive_with_bn
 from ..layers import AdaptiveBatchNorm
+from ..models.io import safe_torch_load
 from ..runs import load_run
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-__all__ = ["BUDGETS", "run_suite", "run_suite_on_run", "per_sample_statistics", "pgd_alpha"]
+__all__ = ["BUDGETS", "PROGRESS_FILE", "run_suite", "run_suite_on_run", "per_sample_statistics", "pgd_alpha"]
+
+#: name of the file in the output folder that keeps a running suite's finished attacks
+PROGRESS_FILE = "suite-progress.pt"
 
 #: Attack budgets.  ``full`` follows the literature (PGD-100 x 5 restarts, APGD 100 steps, Square
 #: 5000 queries); ``quick`` scales everything down so that CPU runs finish.
@@ -174,9 +180,16 @@ def per_sample_statistics(model: nn.Module) -> Iterator[nn.Module]:
 
 
 class _Runner:
-    """Runs attacks batch by batch and keeps per-sample outcomes and the worst-case inputs."""
+    """Runs attacks batch by batch and keeps per-sample outcomes and the worst-case inputs.
 
-    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, bs: int, device: torch.device, progress: bool) -> None:
+    With a ``progress_file``, every finished attack is saved there at once (atomically), and a
+    later run with the same fingerprint (settings, model weights, data) takes the finished
+    attacks from it instead of running them again: an interrupted suite loses at most the attack
+    it was in.  Every attack draws its randomness from its own seeded generator, so a resumed
+    suite gives the same numbers as an uninterrupted one."""
+
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, bs: int, device: torch.device, progress: bool,
+                 progress_file: str | os.PathLike | None = None, fingerprint: dict | None = None) -> None:
         self.model, self.x, self.y, self.bs, self.device, self.progress = model, x, y, bs, device, progress
         self.n = len(x)
         self.clean_pred = _predict(model, x, bs, device)
@@ -185,9 +198,54 @@ class _Runner:
         self.robust_all = self.clean_ok.clone()
         self.rows: dict[str, dict[str, Any]] = {}
         self.robust: dict[str, Tensor] = {}
+        self.progress_file = Path(progress_file) if progress_file is not None else None
+        self.fingerprint = fingerprint
+        self.done: dict[str, dict[str, Any]] = {}   # name -> {"robust", "row"}: finished attacks
+        self.seconds_before = 0.0                  # runtime of the interrupted runs resumed here
+        self.resumed: list[str] = []
+        if self.progress_file is not None and self.progress_file.is_file():
+            self._load()
 
-    def run(self, name: str, attack: Attack, kind: str, *, keep: bool = True, desc: str | None = None) -> Tensor:
+    def _load(self) -> None:
+        path = self.progress_file
+        try:
+            state = safe_torch_load(path)
+        except CheckpointError as exc:
+            warnings.warn(f"{exc}; the suite starts afresh", stacklevel=3)
+            return
+        if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
+            warnings.warn(f"{path} was written for other settings, weights or data; the suite starts afresh "
+                          "(the file is replaced)", stacklevel=3)
+            return
+        self.done = state["done"]
+        self.x_worst, self.robust_all = state["x_worst"], state["robust_all"]
+        self.seconds_before = float(state["seconds"])
+
+    def _save(self, seconds: float) -> None:
+        if self.progress_file is None:
+            return
+        path = self.progress_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"fingerprint": self.fingerprint, "done": self.done, "x_worst": self.x_worst,
+                    "robust_all": self.robust_all, "seconds": seconds}, tmp)
+        os.replace(tmp, path)
+
+    def finish(self) -> None:
+        """The suite is complete: its progress file is no longer needed."""
+        if self.progress_file is not None:
+            self.progress_file.unlink(missing_ok=True)
+
+    def run(self, name: str, attack: Attack, kind: str, *, keep: bool = True, desc: str | None = None,
+            elapsed: Callable[[], float] | None = None) -> Tensor:
         """Robust mask of ``attack`` (crafted and evaluated on the suite's batches)."""
+        if name in self.done:  # finished before an interruption: its x_worst share is already saved
+            entry = self.done[name]
+            self.resumed.append(name)
+            if keep:
+                self.robust[name] = entry["robust"]
+                self.rows[name] = dict(entry["row"])
+            return entry["robust"]
         robust = torch.zeros(self.n, dtype=torch.bool)
         t0 = time.perf_counter()
         for s, xb, yb in tqdm(_batches(self.x, self.y, self.bs, self.device), desc=desc or name,
@@ -201,10 +259,12 @@ class _Runner:
                 self.x_worst[s] = torch.where(fooled_new.view((-1,) + (1,) * (xb.dim() - 1)), x_adv.cpu(), self.x_worst[s])
                 self.robust_all[s] &= ok
         seconds = time.perf_counter() - t0
+        row = {"kind": kind, "settings": repr(attack), "robust_acc": robust.float().mean().item(), "seconds": seconds}
         if keep:
             self.robust[name] = robust
-            self.rows[name] = {"kind": kind, "settings": repr(attack), "robust_acc": robust.float().mean().item(),
-                               "seconds": seconds}
+            self.rows[name] = row
+        self.done[name] = {"robust": robust, "row": row}
+        self._save(self.seconds_before + (elapsed() if elapsed is not None else 0.0))
         return robust
 
     def broken_only_by(self) -> dict[str, int]:
@@ -434,7 +494,8 @@ def run_suite(model: nn.Module, data: ImageData | tuple[Tensor, Tensor] | Any, *
               n_eval: int | None = None, batch_size: int = 128, device: torch.device | str = "cpu", seed: int = 0,
               out_dir: str | os.PathLike | None = None, quick: bool = False,
               budget: str | Mapping[str, Any] | None = None,
-              source_models: Mapping[str, nn.Module] | None = None, progress: bool = True) -> dict:
+              source_models: Mapping[str, nn.Module] | None = None, progress: bool = True,
+              progress_file: str | os.PathLike | None = None, metadata: Mapping[str, Any] | None = None) -> dict:
     """Run the robustness checklist on ``model`` and return (and write) the results.
 
     Follows Carlini et al. 2019 ("On evaluating adversarial robustness"), Athalye et al. 2018
@@ -461,6 +522,11 @@ def run_suite(model: nn.Module, data: ImageData | tuple[Tensor, Tensor] | Any, *
             ``quick`` when ``quick`` else ``full``).
         source_models: extra transfer sources, name -> model (e.g. an undefended network).
         progress: tqdm bars.
+        progress_file: where finished attacks are saved as the suite goes (``None``: nowhere);
+            when the file exists and was written for the same settings, model weights and data,
+            its finished attacks are taken from it instead of being run again (a resumed suite
+            gives the same numbers as an uninterrupted one).  Removed when the suite completes.
+        metadata: extra fields for the results and the report (e.g. the run folder).
 
     Returns:
         a dict with ``clean_acc``, ``attacks`` {name: {kind, settings, robust_acc, seconds}},
@@ -478,8 +544,18 @@ def run_suite(model: nn.Module, data: ImageData | tuple[Tensor, Tensor] | Any, *
     is_abnn = isinstance(model, ABNN)
     batch_stats = is_abnn and getattr(model, "substitute_stats", None) == "batch"
     sources = dict(source_models or {})
+    fingerprint = {
+        "format": 1, "n": n, "eps": eps, "seed": seed, "batch_size": batch_size, "budget": budget_name,
+        "budget_settings": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        "model": _digest(model), "data": _digest(x, y),
+        "sources": {k: _digest(v) for k, v in sorted(sources.items())},
+    } if progress_file is not None else None
+
+    def elapsed() -> float:
+        return time.perf_counter() - t_start
+
     try:
-        runner = _Runner(model, x, y, batch_size, device, progress)
+        runner = _Runner(model, x, y, batch_size, device, progress, progress_file, fingerprint)
         with torch.no_grad():
             num_classes = model(_to_float(x[:1], device)).shape[1]
 
@@ -508,7 +584,7 @@ def run_suite(model: nn.Module, data: ImageData | tuple[Tensor, Tensor] | Any, *
             plan.append((f"transfer-{name}", lambda src=src: Transfer(model, source=src, attack="pgd", eps=eps,
                                                                       alpha=pgd_alpha(eps, Tt), steps=Tt, seed=seed), TRANSFER))
         for name, make, kind in tqdm(plan, desc="suite attacks", disable=not progress, dynamic_ncols=True):
-            runner.run(name, make(), kind)
+            runner.run(name, make(), kind, elapsed=elapsed)
         runner.derived("autoattack", ["apgd-ce", "apgd-t", "apgd-dlr", "square"],
                        f"AutoAttack-style (APGD {cfg['apgd_steps']} steps, Square {cfg['square_queries']} queries)")
 
@@ -526,14 +602,16 @@ def run_suite(model: nn.Module, data: ImageData | tuple[Tensor, Tensor] | Any, *
                 eps_acc.append(runner.clean_ok.float().mean().item())
                 continue
             ee = e / 255
-            r = runner.run(f"eps-{e:g}", PGD(model, eps=ee, alpha=pgd_alpha(ee, Ss), steps=Ss, seed=seed), WHITE_BOX, keep=False)
+            r = runner.run(f"eps-{e:g}", PGD(model, eps=ee, alpha=pgd_alpha(ee, Ss), steps=Ss, seed=seed), WHITE_BOX,
+                           keep=False, elapsed=elapsed)
             eps_acc.append(r.float().mean().item())
         steps_acc = []
         for s_ in tqdm(cfg["steps_grid"], desc="steps sweep", disable=not progress, leave=False, dynamic_ncols=True):
             if s_ == 5:
                 steps_acc.append(runner.rows["pgd-5"]["robust_acc"])  # same attack, same seed
                 continue
-            r = runner.run(f"steps-{s_}", PGD(model, eps=eps, alpha=eps / 4, steps=s_, seed=seed), WHITE_BOX, keep=False)
+            r = runner.run(f"steps-{s_}", PGD(model, eps=eps, alpha=eps / 4, steps=s_, seed=seed), WHITE_BOX,
+                           keep=False, elapsed=elapsed)
             steps_acc.append(r.float().mean().item())
 
         gradients = _zero_grad_fraction(model, x, y, runner.clean_ok, batch_size, device)
@@ -569,11 +647,27 @@ def run_suite(model: nn.Module, data: ImageData | tuple[Tensor, Tensor] | Any, *
     res["robust_acc"] = min(worst["robust_acc"], batch["worst_over_protocols"]) if batch else worst["robust_acc"]
     res["flags"] = _flags(res)
     res["verdict"] = "SUSPECT" if res["flags"] else "PASS"
-    res["seconds"] = time.perf_counter() - t_start
+    res["seconds"] = runner.seconds_before + elapsed()
+    res["resumed_attacks"] = runner.resumed
+    res.update(metadata or {})
     res["generated"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     if out_dir is not None:
         write_suite_report(res, out_dir)
+    runner.finish()
     return res
+
+
+def _digest(*objs: nn.Module | Tensor) -> str:
+    """SHA-256 of tensors' values (a module: its state dict, in order), to recognise a resumed suite."""
+    h = hashlib.sha256()
+    for obj in objs:
+        tensors = obj.state_dict().items() if isinstance(obj, nn.Module) else [("", obj)]
+        for k, t in tensors:
+            t = t.detach().cpu().contiguous()
+            h.update(k.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------- reporting
@@ -686,11 +780,13 @@ def run_suite_on_run(run_dir: str | os.PathLike, *, n_eval: int = 1000, batch_si
                      out_dir: str | os.PathLike | None = None, quick: bool = False,
                      budget: str | Mapping[str, Any] | None = None,
                      source_models: Mapping[str, nn.Module | str | os.PathLike] | None = None,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, resume: bool = True) -> dict:
     """:func:`run_suite` on a finished run: loads it with :func:`abnn.runs.load_run`, evaluates
     the first ``n_eval`` test images of its dataset and writes into ``run_dir/suite/`` (or
     ``out_dir``).  ``eps`` defaults to 8/255 for images and 1/255 for clips (``METHOD.md`` s. 4).
-    ``source_models`` values may be modules or run folders (loaded the same way)."""
+    ``source_models`` values may be modules or run folders (loaded the same way).  With ``resume``
+    (default), finished attacks are kept in ``<out>/suite-progress.pt`` as the suite goes, and an
+    interrupted suite continues from there when run again with the same settings."""
     model, cfg = load_run(run_dir, device=device)
     data = _as_tensors(load_dataset(cfg.dataset, "test", data_root or cfg.data_root).subset(n_eval), n_eval)
     if eps is None:
@@ -699,10 +795,11 @@ def run_suite_on_run(run_dir: str | os.PathLike, *, n_eval: int = 1000, batch_si
     for name, src in (source_models or {}).items():
         sources[name] = src if isinstance(src, nn.Module) else load_run(src, device=device)[0]
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "suite"
-    res = run_suite(model, data, eps=eps, n_eval=n_eval, batch_size=batch_size, device=device, seed=seed,
-                    out_dir=None, quick=quick, budget=budget, source_models=sources, progress=progress)
-    res.update({"run": str(run_dir), "method": cfg.method, "dataset": cfg.dataset, "arch": cfg.arch,
-                "width": cfg.width, "sources": {k: (type(v).__name__ if isinstance(v, nn.Module) else str(v))
-                                                for k, v in (source_models or {}).items()}})
-    write_suite_report(res, out)
-    return res
+    if not resume:
+        (out / PROGRESS_FILE).unlink(missing_ok=True)
+    meta = {"run": str(run_dir), "method": cfg.method, "dataset": cfg.dataset, "arch": cfg.arch, "width": cfg.width,
+            "sources": {k: (type(v).__name__ if isinstance(v, nn.Module) else str(v))
+                        for k, v in (source_models or {}).items()}}
+    return run_suite(model, data, eps=eps, n_eval=n_eval, batch_size=batch_size, device=device, seed=seed,
+                     out_dir=out, quick=quick, budget=budget, source_models=sources, progress=progress,
+                     progress_file=out / PROGRESS_FILE if resume else None, metadata=meta)
