@@ -43,3 +43,19 @@ def test_counter_ignores_passes_outside_steps():
     with torch.no_grad():
         model(torch.rand(2, 3, 32, 32))
     assert counter.total() == 0
+
+
+def test_pgd_at_attack_keeps_the_training_layout():
+    """The attack inside PGD-AT runs in the batch's layout (the training step's --channels-last),
+    not the attacks' CPU default, so every method's cost is measured in the same layout."""
+    seen = []
+    model = resnet18_cifar(width=1 / 16)
+    model.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    loss_fn = batch_loss_for(TrainConfig(method="pgd-at", at_steps=2))
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    loss_fn(model.train(), x, y)
+    assert seen and not any(seen)
+    seen.clear()
+    loss_fn(model, x.contiguous(memory_format=torch.channels_last), y)
+    assert seen and all(seen)

@@ -61,10 +61,12 @@ def pgd_at_loss(eps: float, alpha: float, steps: int) -> BatchLoss:
     attack runs with the model in eval mode (BN running statistics untouched by attack
     iterations, as in torchattacks); the training pass runs in train mode.  Under DDP the attack
     uses the module inside the wrapper (local, no communication); it runs under whatever
-    autocast the caller set (the training step's)."""
+    autocast the caller set (the training step's) and in the batch's memory layout (the training
+    step's ``channels_last``, not the attack's own CPU default), so that every method trains in
+    the same layout and their costs stay comparable."""
 
     def loss(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        x_adv = PGD(unwrap(model), eps=eps, alpha=alpha, steps=steps, random_start=True)(x, y)
+        x_adv = PGD(unwrap(model), eps=eps, alpha=alpha, steps=steps, random_start=True, channels_last=False)(x, y)
         logits = model(x_adv)
         return F.cross_entropy(logits, y), logits
 
