@@ -325,6 +325,13 @@ def test_run_suite_on_run(tmp_path, fake_data_root) -> None:
                            "eps_grid_255": (0, 64), "steps_grid": (5,)}, quick=True, progress=False)
     assert res["n_eval"] == 4 and res["run"] == str(run) and res["method"] == "standard"
     assert (run / "suite" / "suite.json").is_file() and (run / "suite" / "suite.md").is_file()
+    assert not (run / "suite" / "suite-progress.pt").exists()
+    # a corrupt progress file (say, from a full disk) is reported and replaced, never trusted
+    (run / "suite" / "suite-progress.pt").write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match="suite-progress.pt.*starts afresh"):
+        again = run_suite_on_run(run, n_eval=4, batch_size=4, budget={**TINY, "square_queries": 10,
+                                 "eps_grid_255": (0, 64), "steps_grid": (5,)}, quick=True, progress=False)
+    assert again["resumed_attacks"] == [] and again["robust_acc"] == res["robust_acc"]
 
 
 def test_bad_budget(models) -> None:
