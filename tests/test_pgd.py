@@ -121,7 +121,9 @@ def test_pgd_rejects_bad_labels(trained_tiny):
 
 def test_repr_shows_settings(trained_tiny):
     r = repr(PGD(trained_tiny[0], eps=8 / 255, alpha=2 / 255, steps=5))
-    assert "eps=8/255" in r and "steps=5" in r
+    assert "eps=8/255" in r and "alpha=2/255" in r and "steps=5" in r
+    assert "alpha=0.8/255" in repr(PGD(trained_tiny[0], alpha=(8 / 255) / 10))
+    assert "alpha=0.0123" in repr(PGD(trained_tiny[0], alpha=0.0123))  # 3.1365/255: not a clean k/255
 
 
 class _BatchSizes(nn.Module):

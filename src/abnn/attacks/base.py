@@ -123,9 +123,9 @@ class Attack:
 
 
 def _fmt(v: Any) -> str:
-    """Pixel budgets read best as k/255."""
+    """Pixel budgets read best as k/255 (k with up to three decimals, e.g. 0.8/255)."""
     if isinstance(v, float) and 0 < v < 1:
         k = v * 255
-        if abs(k - round(k)) < 1e-6:
-            return f"{int(round(k))}/255"
+        if abs(k * 1000 - round(k * 1000)) < 1e-6:
+            return f"{round(k, 3):g}/255"
     return repr(v)
