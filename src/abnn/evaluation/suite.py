@@ -50,7 +50,7 @@ from ..data import ImageData, load_dataset
 from ..errors import AbnnError, CheckpointError
 from ..framework import ABNN, replace_adaptive_with_bn
 from ..layers import AdaptiveBatchNorm
-from ..models.io import safe_torch_load
+from ..models.io import safe_torch_load, save_atomic
 from ..runs import load_run
 
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -222,14 +222,9 @@ class _Runner:
         self.seconds_before = float(state["seconds"])
 
     def _save(self, seconds: float) -> None:
-        if self.progress_file is None:
-            return
-        path = self.progress_file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"fingerprint": self.fingerprint, "done": self.done, "x_worst": self.x_worst,
-                    "robust_all": self.robust_all, "seconds": seconds}, tmp)
-        os.replace(tmp, path)
+        if self.progress_file is not None:
+            save_atomic({"fingerprint": self.fingerprint, "done": self.done, "x_worst": self.x_worst,
+                         "robust_all": self.robust_all, "seconds": seconds}, self.progress_file)
 
     def finish(self) -> None:
         """The suite is complete: its progress file is no longer needed."""

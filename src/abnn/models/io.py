@@ -1,4 +1,5 @@
-"""Safe loading of weights: ``torch.load(weights_only=True)`` and errors that name the file."""
+"""Safe saving and loading of weights: atomic writes (a temporary file, then a rename, so a kill
+never leaves a half-written file), ``torch.load(weights_only=True)`` and errors that name the file."""
 
 from __future__ import annotations
 
@@ -10,6 +11,15 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then an atomic rename onto it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def safe_torch_load(path: str | os.PathLike, *, weights_only: bool = True) -> Any:
