@@ -49,7 +49,6 @@ class PGD(Attack):
             return x_adv
         with torch.no_grad():
             fooled = self.model(x_adv).argmax(1) != y
-        view = (-1,) + (1,) * (x.dim() - 1)
         for _ in range(1, self.restarts):
             # as in AutoAttack, a restart only attacks the samples no earlier restart has fooled:
             # the per-sample worst case is the same, at a fraction of the cost
@@ -59,8 +58,8 @@ class PGD(Attack):
             xa = self._run(x[idx], y[idx], gen)
             with torch.no_grad():
                 now = self.model(xa).argmax(1) != y[idx]
-            x_adv[idx] = torch.where(now.view(view), xa, x_adv[idx])
-            fooled[idx] = now
+            x_adv[idx[now]] = xa[now]
+            fooled[idx[now]] = True
         return x_adv
 
     def _run(self, x: Tensor, y: Tensor, gen: torch.Generator | None) -> Tensor:
