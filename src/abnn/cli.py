@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smoke: minutes, tiny; cpu: about 2 h on 2 cores (table1 only); paper: full scale, GPU + network")
     p.add_argument("--out", default=None, help="output folder (default out/<table>-<preset>)")
     p.add_argument("--force", action="store_true", help="redo finished stages")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="table1: independent stages run at once, each in its own process (default: as many as the "
+                        "cores allow; --threads then sets the torch threads per stage, default cores / jobs)")
     _add_common(p)
     p.set_defaults(func=cmd_reproduce)
 
@@ -256,8 +259,10 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
         preset = get_preset(a.preset)
         if preset.substitute_source != "pretrain" or preset.full_cifar10:
             _check_network_for(preset, "torchvision's ImageNet VGG-19-BN weights and the full CIFAR-10")
-        runner = run_table1
         out = a.out or f"out/table1-{a.preset}"
+        res = run_table1(preset, out, data_root=a.data_root, device=str(resolve_device(a.device)), force=a.force,
+                         progress=not a.no_progress, command=command, jobs=a.jobs, threads=a.threads)
+        return _print_records(out, res)
     else:
         preset = get_video_preset(a.preset)
         if preset.dataset == "ucf101":
@@ -266,10 +271,13 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
             resolve_ucf101_root(None, a.data_root)
         if preset.substitute == "KINETICS400_V1":
             _check_network_for(preset, "torchvision's Kinetics-400 R3D-18 weights")
-        runner = run_video_tables
         out = a.out or f"out/video-{a.preset}"
-    res = runner(preset, out, data_root=a.data_root, device=str(resolve_device(a.device)), force=a.force,
-                 progress=not a.no_progress, command=command)
+    res = run_video_tables(preset, out, data_root=a.data_root, device=str(resolve_device(a.device)), force=a.force,
+                           progress=not a.no_progress, command=command)
+    return _print_records(out, res)
+
+
+def _print_records(out: str, res: dict) -> int:
     print(json.dumps({"out": out, "records": [{k: r[k] for k in ("method", "clean_acc", "robust_acc", "cost_N_per_step")}
                                               for r in res["records"]]}))
     return 0

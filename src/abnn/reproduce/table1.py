@@ -23,6 +23,7 @@ from ..training import train
 from ..training.checkpoint import save_atomic
 from ..training.loop import software_versions
 from .presets import METHOD_NAMES, PAPER_TABLE1, Table1Preset
+from .schedule import Stage, plan_workers, run_stages
 
 #: settings that define a run; a finished run is reused only if all of them match
 _DEFINING = ("method", "dataset", "arch", "width", "epochs", "batch_size", "lr", "momentum", "weight_decay", "seed",
@@ -43,13 +44,21 @@ def _check_same(run: Path, cfg: TrainConfig) -> None:
                         "rerun with --force to redo it, or choose another --out")
 
 
-def _stage_train(run: Path, cfg: TrainConfig, *, force: bool, progress: bool) -> dict:
-    if force and run.exists():
-        shutil.rmtree(run)
+def _finished_train(run: Path, cfg: TrainConfig) -> dict | None:
+    """A finished training stage's results when its settings match, else None."""
     if (run / "model.pt").is_file() and (run / "train_results.json").is_file():
         _check_same(run, cfg)
         _log(f"{run.name}: finished earlier, reused")
         return read_json(run / "train_results.json")
+    return None
+
+
+def _stage_train(run: Path, cfg: TrainConfig, *, force: bool, progress: bool | str) -> dict:
+    if force and run.exists():
+        shutil.rmtree(run)
+    done = _finished_train(run, cfg)
+    if done is not None:
+        return done
     resume = (run / "checkpoint.pt").is_file()
     if resume:
         _check_same(run, cfg)
@@ -57,15 +66,24 @@ def _stage_train(run: Path, cfg: TrainConfig, *, force: bool, progress: bool) ->
     return train(cfg, run, resume=resume, progress=progress)
 
 
+def _finished_eval(run: Path, preset) -> dict | None:
+    out = run / "eval_table.json"
+    if out.is_file():
+        res = read_json(out)
+        if (res.get("n_eval") == preset.n_eval and res.get("attack_options") == preset.attack_options()
+                and res.get("seed") == preset.seed):
+            _log(f"{run.name}: evaluation finished earlier, reused")
+            return res
+    return None
+
+
 def _stage_eval(run: Path, preset, data_root: str | None, device: str, *, force: bool, progress: bool) -> dict:
     """Clean and robust accuracy of a finished run under the preset's attacks (cached)."""
     out = run / "eval_table.json"
     opts = preset.attack_options()
-    if out.is_file() and not force:
-        res = read_json(out)
-        if res.get("n_eval") == preset.n_eval and res.get("attack_options") == opts and res.get("seed") == preset.seed:
-            _log(f"{run.name}: evaluation finished earlier, reused")
-            return res
+    done = None if force else _finished_eval(run, preset)
+    if done is not None:
+        return done
     model, _ = load_run(run, device=device)
     data = load_dataset(preset.dataset, "test", data_root).subset(preset.n_eval)
     attacks = {name: build_attack(name, model, seed=preset.seed, **o) for name, o in opts.items()}
@@ -119,9 +137,23 @@ def _record(method: str, cfg: TrainConfig, tr: dict, ev: dict, paper: dict) -> d
     return rec
 
 
+def _job_train(run: Path, cfg: TrainConfig, force: bool, progress: bool | str) -> dict:
+    return _stage_train(run, cfg, force=force, progress=progress)
+
+
+def _job_eval(run: Path, preset, data_root: str | None, device: str, force: bool, progress: bool) -> dict:
+    return _stage_eval(run, preset, data_root, device, force=force, progress=progress)
+
+
 def run_table1(preset: Table1Preset, out: str | Path, *, data_root: str | None = None, device: str = "cpu",
-               force: bool = False, progress: bool = True, command: str = "") -> dict:
-    """Run the whole Table 1 pipeline into ``out`` and write report.md, results.json, figures."""
+               force: bool = False, progress: bool = True, command: str = "", jobs: int | None = None,
+               threads: int | None = None) -> dict:
+    """Run the whole Table 1 pipeline into ``out`` and write report.md, results.json, figures.
+
+    Independent stages (the substitute, each method's training, each evaluation) run in
+    ``jobs`` processes at once (default: as many as the cores allow), each with ``threads``
+    torch threads (default: cores / jobs); the numbers are those of a sequential run with the
+    same ``threads``."""
     from ..report import write_table1_report
 
     out = Path(out)
@@ -129,40 +161,73 @@ def run_table1(preset: Table1Preset, out: str | Path, *, data_root: str | None =
     t_start = time.perf_counter()
     write_json_atomic(out / "preset.json", preset.to_dict())
 
-    substitute_info: dict = {"source": preset.substitute_source}
+    stages: list[Stage] = []
+    substitute = None
     if "abnn" in preset.methods:
         if preset.substitute_source == "pretrain":
             sub_cfg = preset.substitute_config()
             sub_cfg.data_root = data_root
-            sub_res = _stage_train(out / "substitute", sub_cfg, force=force, progress=progress)
+            sub_cfg.device = device
             substitute = str(out / "substitute")
-            substitute_info.update({"arch": "vgg19_bn", "width": preset.substitute_width, "dataset": "tinyimagenet32",
-                                    "train_size": sub_res["train_size"], "epochs": preset.substitute_epochs,
-                                    "val_acc": sub_res["final_val_acc"], "val_size": sub_res["val_size"],
-                                    "train_seconds": sub_res["train_seconds"]})
+            stages.append(Stage("substitute", _job_train, (out / "substitute", sub_cfg, force),
+                                weight=_weight(sub_cfg)))
         else:
             substitute = preset.substitute_source
-            substitute_info.update({"arch": "vgg19_bn", "width": 1.0, "dataset": "ImageNet-1k (torchvision weights)",
-                                    "val_acc": None, "val_acc_note": "not measured here; see torchvision's model card"})
-    else:
-        substitute = None
-
-    records = []
+    cfgs = {}
     for method in preset.methods:
-        cfg = preset.method_config(method, substitute)
+        cfg = cfgs[method] = preset.method_config(method, substitute)
         cfg.data_root = data_root
         cfg.device = device
-        tr = _stage_train(out / method, cfg, force=force, progress=progress)
-        ev = _stage_eval(out / method, preset, data_root, device, force=force, progress=progress)
-        rec = _record(method, cfg, tr, ev, PAPER_TABLE1[method])
+        needs = ("substitute",) if method == "abnn" and any(s.name == "substitute" for s in stages) else ()
+        stages.append(Stage(method, _job_train, (out / method, cfg, force), after=needs, weight=_weight(cfg)))
+        stages.append(Stage(f"eval:{method}", _job_eval, (out / method, preset, data_root, device, force),
+                            after=(method,), weight=0.5))
+    finished = {} if force else {name: r for name, r in
+                                 ((m, _finished_train(out / m, cfgs[m])) for m in cfgs) if r is not None}
+    if not force and "substitute" in [s.name for s in stages]:
+        r = _finished_train(out / "substitute", sub_cfg)
+        if r is not None:
+            finished["substitute"] = r
+    finished.update({f"eval:{m}": r for m in cfgs if m in finished
+                     for r in [_finished_eval(out / m, preset)] if r is not None})
+    stages = [s for s in stages if s.name not in finished]
+    workers, per_stage_threads = plan_workers(jobs, threads, stages)
+    for s in stages:  # bars only when one stage runs at a time; epoch lines always
+        s.args = (*s.args, progress if workers == 1 else ("lines" if progress and s.fn is _job_train else False))
+    if workers > 1:
+        _log(f"{len(stages)} stages, {workers} at a time, {per_stage_threads} thread(s) each")
+    done = run_stages(stages, workers=workers, threads=per_stage_threads, done=finished,
+                      on_done=lambda name, _: _log(f"stage {name} done") if workers > 1 else None)
+
+    substitute_info: dict = {"source": preset.substitute_source}
+    if "substitute" in done:
+        sub_res = done["substitute"]
+        substitute_info.update({"arch": "vgg19_bn", "width": preset.substitute_width, "dataset": "tinyimagenet32",
+                                "train_size": sub_res["train_size"], "epochs": preset.substitute_epochs,
+                                "val_acc": sub_res["final_val_acc"], "val_size": sub_res["val_size"],
+                                "train_seconds": sub_res["train_seconds"]})
+    elif substitute is not None:
+        substitute_info.update({"arch": "vgg19_bn", "width": 1.0, "dataset": "ImageNet-1k (torchvision weights)",
+                                "val_acc": None, "val_acc_note": "not measured here; see torchvision's model card"})
+    records = []
+    for method in preset.methods:
+        rec = _record(method, cfgs[method], done[method], done[f"eval:{method}"], PAPER_TABLE1[method])
         if method == "abnn":
             rec["substitute"].update({k: v for k, v in substitute_info.items() if k != "source"})
         records.append(rec)
 
     examples = _examples(out, preset, data_root, device)
     results = {"preset": preset.to_dict(), "records": records, "substitute": substitute_info,
-               "command": command, "pipeline_seconds_this_call": time.perf_counter() - t_start}
+               "command": command, "pipeline_seconds_this_call": time.perf_counter() - t_start,
+               "workers": workers, "threads_per_stage": per_stage_threads}
     write_json_atomic(out / "results.json", results)
     write_table1_report(out, results, examples)
     _log(f"report written to {out / 'report.md'}")
     return results
+
+
+def _weight(cfg: TrainConfig) -> float:
+    """A rough size of a training stage, only to start the longest chains first."""
+    per_step = {"pgd-at": 2 * (cfg.at_steps + 1), "oudefend": 4 * (cfg.at_steps + 1), "abnn": 3}.get(cfg.method, 2)
+    images = 50_000 if cfg.full_cifar10 else (cfg.train_size or 20_000)
+    return cfg.epochs * per_step * images * cfg.width

@@ -175,7 +175,7 @@ def software_versions() -> dict:
             "python": platform.python_version()}
 
 
-def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool | str = True,
           max_steps: int | None = None) -> dict:
     """Train the run described by ``cfg`` into ``run_dir`` and return its results.
 
@@ -184,6 +184,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
     from its last checkpoint at the exact step.  At the end ``model.pt`` (final weights) and
     ``train_results.json`` (counted cost N per step, seconds, accuracies) are written.
     ``max_steps`` stops early (tests and benchmarks; the checkpoint then allows an exact resume).
+    ``progress``: True for progress bars and a line per epoch, ``"lines"`` for the lines only
+    (stages that run beside each other), False for silence.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1, or a process group already initialised) every rank
     calls this; the global batch stays ``cfg.batch_size`` and rank 0 writes the files (see
@@ -192,7 +194,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
     cfg.validate()
     ctx, device = init_distributed(resolve_device(cfg.device))
     try:
-        return _train(cfg, Path(run_dir), ctx, device, resume=resume, progress=progress and ctx.is_main,
+        return _train(cfg, Path(run_dir), ctx, device, resume=resume, progress=progress if ctx.is_main else False,
                       max_steps=max_steps)
     finally:
         shutdown(ctx)
@@ -206,8 +208,8 @@ def _rng_state(device: torch.device) -> dict:
 _CKPT_KEYS = ("model", "optimizer", "scheduler", "epoch")
 
 
-def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, *, resume: bool, progress: bool,
-           max_steps: int | None) -> dict:
+def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, *, resume: bool,
+           progress: bool | str, max_steps: int | None) -> dict:
     ckpt_path = run / "checkpoint.pt"
     if run.exists() and (run / "config.json").is_file() and not resume:
         if (run / "model.pt").is_file() or ckpt_path.is_file():
@@ -340,7 +342,7 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
                     seen = int(partial["seen"])
             _skip_batches(loader, batches, skip)
             done_in_epoch = skip
-        bar = tqdm(batches, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+        bar = tqdm(batches, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", disable=progress is not True,
                    leave=False, dynamic_ncols=True, total=steps_per_epoch, initial=done_in_epoch)
         t0, paused, stop = time.perf_counter(), 0.0, False
         for x, y in bar:
@@ -350,7 +352,7 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
             seen += len(y)
             step += 1
             done_in_epoch += 1
-            if progress and (done_in_epoch - 1) % 20 == 0:
+            if progress is True and (done_in_epoch - 1) % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.4f}")
             stop = max_steps is not None and step >= max_steps
             if done_in_epoch < steps_per_epoch and (stop or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
@@ -380,7 +382,7 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
             with open(run / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             if progress:
-                tqdm.write(f"[{cfg.method}] epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.4f} "
+                tqdm.write(f"[{run.name}: {cfg.method}] epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.4f} "
                            f"train_acc {record['train_acc']:.4f} val_acc {val_acc if val_acc is None else round(val_acc, 4)} "
                            f"({epoch_seconds:.1f}s, {counter.per_step():.1f}N/step)")
         if complete:  # after the metrics line: a kill between the two writes is undone by _truncate_metrics
