@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_opts(p, TrainConfig(dataset="tinyimagenet32", arch="vgg19_bn", lr=0.05, val_size=None))
     p.set_defaults(func=cmd_pretrain, lr=0.05, val_size=-1)
 
-    p = sub.add_parser("train", help="train a CIFAR-10 model: standard, abnn or pgd-at",
+    p = sub.add_parser("train", help="train a CIFAR-10 model: standard, abnn, pgd-at or fast-at",
                        description="Train a target on CIFAR-10 with one method.")
     d = TrainConfig()
     p.add_argument("--method", choices=METHODS, default="standard")
@@ -65,7 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--substitute-stats", choices=("sample", "batch"), default=d.substitute_stats)
     p.add_argument("--encoder", choices=("flatten", "pooled"), default=d.encoder)
     p.add_argument("--no-bn-affine", action="store_true", help="adaptive layers without BN's own affine")
+    p.add_argument("--substitute-arch", default=d.substitute_arch,
+                   help="architecture of a bare substitute weights file: vgg19_bn (default), r3d_18, resnet20")
+    p.add_argument("--substitute-taps", default=None, metavar="NAME,NAME,...",
+                   help="tap the substitute at these module names (one per target stage), e.g. for resnet20: "
+                        "layer1.0,layer1,layer2,layer3.0,layer3")
+    p.add_argument("--allow-in-domain-substitute", action="store_true",
+                   help="accept a substitute trained on CIFAR-10 itself: an upper bound that breaks ABNN's premise")
     p.add_argument("--at-steps", type=int, default=d.at_steps, help="PGD-AT attack steps t_max (default 5)")
+    p.add_argument("--fast-at-alpha", type=_pixels, default=d.fast_at_alpha, metavar="K/255",
+                   help="Fast-AT's FGSM step in pixel units, written k/255 (default 10/255 = 1.25 eps)")
+    p.add_argument("--robust-val-size", type=int, default=d.robust_val_size, metavar="K",
+                   help="per-epoch PGD-5 accuracy on K held-out images (CIFAR-10: JPEG training images no run "
+                        "trains on; else the last K test images); 0: off (default)")
+    p.add_argument("--keep-best", action="store_true",
+                   help="model.pt = the epoch of best per-epoch PGD accuracy (needs --robust-val-size; Wong et al.)")
     p.add_argument("--include-jpeg", action="store_true", help="add the 30k JPEG-q75 CIFAR-10 training images")
     _add_train_opts(p, d)
     g = p.add_argument_group(
@@ -113,12 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="reproduce a table of the paper in one command",
                        description="Run a whole table: substitute, every method, evaluation, report.md, results.json, "
                                    "figures. Finished stages are reused (resumable); --force redoes them.")
-    p.add_argument("table", choices=("table1", "table2", "table3", "video"),
-                   help="table1: CIFAR-10 PGD; table2/table3/video: UCF-101 PGD and ROA (one run makes both)")
+    p.add_argument("table", choices=("table1", "table2", "table3", "video", "frontier", "substitute-study"),
+                   help="table1: CIFAR-10 PGD; table2/table3/video: UCF-101 PGD and ROA (one run makes both); "
+                        "frontier: clean and worst-case accuracy against training cost (no defense, ABNN, Fast-AT, "
+                        "PGD-AT at the preset's and at ABNN's training time); substitute-study: ABNN with "
+                        "substitutes of increasing strength (both on the Table 1 preset)")
     p.add_argument("--preset", default="cpu", choices=("smoke", "cpu", "paper"),
                    help="smoke: minutes, tiny; cpu: about 2 h on 2 cores (table1 only); paper: full scale, GPU + network")
     p.add_argument("--out", default=None, help="output folder (default out/<table>-<preset>)")
     p.add_argument("--force", action="store_true", help="redo finished stages")
+    p.add_argument("--table1-out", default=None, metavar="DIR",
+                   help="frontier / substitute-study: reuse the finished stages of this Table 1 reproduction when "
+                        "their settings match (default out/table1-<preset> when it exists)")
     p.add_argument("--jobs", type=int, default=None,
                    help="table1: independent stages run at once, each in its own process (default: as many as the "
                         "cores allow; --threads then sets the torch threads per stage, default cores / jobs)")
@@ -152,6 +172,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_bench)
     return parser
+
+
+def _pixels(text: str) -> float:
+    """A pixel budget written k/255 (``10/255``) or as a number in [0, 1]."""
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            value = float(num) / float(den)
+        else:
+            value = float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a pixel budget; write it as k/255, e.g. 10/255") from None
+    if not (0 < value <= 1):
+        raise argparse.ArgumentTypeError(f"{text!r} is outside (0, 1] in pixel units; write it as k/255, e.g. 10/255")
+    return value
 
 
 def _version() -> str:
@@ -189,6 +224,9 @@ def cmd_train(a: argparse.Namespace) -> int:
         a, method=a.method, dataset="cifar10", arch=a.arch, substitute=a.substitute,
         substitute_width=a.substitute_width, substitute_stats=a.substitute_stats, encoder=a.encoder,
         bn_affine=not a.no_bn_affine, at_steps=a.at_steps, include_jpeg=a.include_jpeg,
+        substitute_arch=a.substitute_arch, in_domain_substitute=a.allow_in_domain_substitute,
+        substitute_taps=a.substitute_taps.split(",") if a.substitute_taps else None,
+        fast_at_alpha=a.fast_at_alpha, robust_val_size=a.robust_val_size, keep_best=a.keep_best,
         amp=a.amp, channels_last=a.channels_last, compile=a.compile, sync_bn=not a.no_sync_bn,
         checkpoint_every=a.checkpoint_every,
     )
@@ -255,6 +293,22 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     command = "abnn " + " ".join(shlex.quote(s) for s in sys.argv[1:]) if sys.argv[0].endswith("abnn") else ""
+    if a.table in ("frontier", "substitute-study"):
+        from pathlib import Path
+
+        from .reproduce.frontier import run_frontier, study_settings
+        from .reproduce.substitute_study import run_substitute_study
+
+        preset = get_preset(a.preset)
+        study_settings(preset)
+        out = a.out or f"out/{a.table}-{a.preset}"
+        table1 = a.table1_out or (f"out/table1-{a.preset}" if Path(f"out/table1-{a.preset}").is_dir() else None)
+        runner = run_frontier if a.table == "frontier" else run_substitute_study
+        res = runner(preset, out, table1_dir=table1, data_root=a.data_root, device=str(resolve_device(a.device)),
+                     force=a.force, progress=not a.no_progress, command=command, jobs=a.jobs, threads=a.threads)
+        print(json.dumps({"out": out, "records": [{k: r[k] for k in ("clean_acc", "worst_case_acc")} | {
+            "name": r.get("name") or r.get("label")} for r in res["records"]]}))
+        return 0
     if a.table == "table1":
         preset = get_preset(a.preset)
         if preset.substitute_source != "pretrain" or preset.full_cifar10:

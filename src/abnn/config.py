@@ -10,7 +10,7 @@ from typing import Any
 
 from .errors import AbnnError
 
-METHODS = ("standard", "abnn", "pgd-at", "oudefend")
+METHODS = ("standard", "abnn", "pgd-at", "fast-at", "oudefend")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 
 
@@ -18,7 +18,7 @@ AMP_MODES = ("auto", "off", "bf16", "fp16")
 class TrainConfig:
     """Everything that defines a training run (saved as the run's ``config.json``)."""
 
-    method: str = "standard"                 # standard | abnn | pgd-at | oudefend
+    method: str = "standard"                 # standard | abnn | pgd-at | fast-at | oudefend
     dataset: str = "cifar10"                 # cifar10 | tinyimagenet32 | clips13 | ucf101
     arch: str = "resnet18_cifar"             # resnet18_cifar | vgg19_bn
     width: float = 1.0
@@ -38,6 +38,8 @@ class TrainConfig:
     substitute_arch: str = "vgg19_bn"
     substitute_width: float = 1.0
     substitute_num_classes: int = 200
+    substitute_taps: list[str] | None = None  # substitute module names to tap (a substitute without return_taps)
+    in_domain_substitute: bool = False       # allow a substitute trained on the target's dataset (breaks the premise)
     substitute_stats: str = "sample"         # sample | batch
     encoder: str = "flatten"                 # flatten | pooled (pooled for video: flatten is infeasible there)
     bn_affine: bool = True
@@ -45,6 +47,12 @@ class TrainConfig:
     at_steps: int = 5
     at_eps: float = 8 / 255
     at_alpha: float = 2 / 255
+    # Fast-AT (Wong, Rice & Kolter 2020; METHOD.md s. 5): FGSM from a random start, step fast_at_alpha
+    fast_at_alpha: float = 10 / 255
+    # per-epoch PGD-5 accuracy on the last robust_val_size test images (disjoint from the first
+    # val_size / evaluation images); keep_best makes model.pt the epoch of best robust accuracy
+    robust_val_size: int = 0
+    keep_best: bool = False
     # execution
     device: str = "auto"
     data_root: str | None = None
@@ -70,6 +78,10 @@ class TrainConfig:
             raise AbnnError(f"encoder must be flatten or pooled, got {self.encoder!r}")
         if self.amp not in AMP_MODES:
             raise AbnnError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+        if self.robust_val_size < 0:
+            raise AbnnError(f"robust_val_size must be >= 0, got {self.robust_val_size}")
+        if self.keep_best and self.robust_val_size == 0:
+            raise AbnnError("keep_best needs a per-epoch robust accuracy: set --robust-val-size K (e.g. 500)")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise AbnnError(f"checkpoint_every must be >= 1 (or None for epoch ends only), got {self.checkpoint_every}")
         return self

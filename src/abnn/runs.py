@@ -15,7 +15,7 @@ from .config import TrainConfig
 from .data.datasets import DATASETS, INPUT_SHAPES
 from .errors import AbnnError
 from .framework import ABNN
-from .models import build_model, r3d18_substitute, vgg19_bn_substitute, with_oudefend
+from .models import build_model, r3d18_substitute, resnet20_reference, vgg19_bn_substitute, with_oudefend
 from .models.io import check_state_dict, load_state_dict_file
 
 #: pretrained substitute weights that torchvision downloads (the paper's substitutes)
@@ -23,10 +23,12 @@ DOWNLOADABLE = {"IMAGENET1K_V1": {"arch": "vgg19_bn", "width": 1.0, "num_classes
                 "KINETICS400_V1": {"arch": "r3d_18", "width": 1.0, "num_classes": 400}}
 
 
-def resolve_substitute(spec: str) -> tuple[str | None, dict]:
+def resolve_substitute(spec: str, *, in_domain: bool = False) -> tuple[str | None, dict]:
     """Resolve ``--substitute``: a run folder (reads its config and ``model.pt``), a weights
     file, ``IMAGENET1K_V1`` / ``KINETICS400_V1`` (torchvision downloads), or ``random`` (an
-    untrained substitute: smoke runs only).  Returns (weights, {arch, width, num_classes} or {})."""
+    untrained substitute: the control of the substitute study, and smoke runs).  A run trained on
+    CIFAR-10 is refused unless ``in_domain`` (an in-domain upper bound that breaks the paper's
+    premise on purpose).  Returns (weights, {arch, width, num_classes} or {})."""
     if spec in DOWNLOADABLE:
         return spec, dict(DOWNLOADABLE[spec])
     if spec == "random":
@@ -37,9 +39,10 @@ def resolve_substitute(spec: str) -> tuple[str | None, dict]:
         weights = p / "model.pt"
         if cfg is None or not weights.is_file():
             raise AbnnError(f"{p} is not a finished substitute run (needs config.json and model.pt)")
-        if cfg.dataset == "cifar10":
+        if cfg.dataset == "cifar10" and not in_domain:
             raise AbnnError(f"substitute run {p} was trained on CIFAR-10, the target dataset; that breaks "
-                            "ABNN's premise (METHOD.md s. 3). Pretrain it on tinyimagenet32")
+                            "ABNN's premise (METHOD.md s. 3). Pretrain it on tinyimagenet32 (or pass "
+                            "--allow-in-domain-substitute for an in-domain upper bound)")
         return str(weights), {"arch": cfg.arch, "width": cfg.width, "num_classes": DATASETS[cfg.dataset]["num_classes"]}
     if p.is_file():
         return str(p), {}
@@ -49,7 +52,7 @@ def resolve_substitute(spec: str) -> tuple[str | None, dict]:
 
 def build_substitute(cfg: TrainConfig, *, load_weights: bool = True) -> nn.Module:
     """The frozen substitute of an ABNN run (VGG-19-BN for images, R3D-18 for video)."""
-    weights, meta = resolve_substitute(cfg.substitute) if load_weights else (None, {})
+    weights, meta = resolve_substitute(cfg.substitute, in_domain=cfg.in_domain_substitute) if load_weights else (None, {})
     arch = meta.get("arch", cfg.substitute_arch)
     width = meta.get("width", cfg.substitute_width)
     ncls = meta.get("num_classes", cfg.substitute_num_classes)
@@ -58,7 +61,10 @@ def build_substitute(cfg: TrainConfig, *, load_weights: bool = True) -> nn.Modul
         return vgg19_bn_substitute(ncls, width=width, weights=weights)
     if arch == "r3d_18":
         return r3d18_substitute(ncls, width=width, weights=weights)
-    raise AbnnError(f"unknown substitute architecture {arch!r}; use vgg19_bn (images) or r3d_18 (video)")
+    if arch == "resnet20":  # the reference CIFAR-10 ResNet-20, tapped by module name (substitute_taps)
+        return resnet20_reference(weights)
+    raise AbnnError(f"unknown substitute architecture {arch!r}; use vgg19_bn (images), r3d_18 (video) or "
+                    "resnet20 (the reference CIFAR-10 model, with --substitute-taps)")
 
 
 def build_model_from_config(cfg: TrainConfig, *, load_substitute: bool = True) -> nn.Module:
@@ -71,7 +77,7 @@ def build_model_from_config(cfg: TrainConfig, *, load_substitute: bool = True) -
     if cfg.method != "abnn":
         return target
     substitute = build_substitute(cfg, load_weights=load_substitute)
-    return ABNN(target, substitute, input_shape=INPUT_SHAPES[cfg.dataset],
+    return ABNN(target, substitute, input_shape=INPUT_SHAPES[cfg.dataset], substitute_taps=cfg.substitute_taps,
                 substitute_stats=cfg.substitute_stats, encoder=cfg.encoder, bn_affine=cfg.bn_affine)
 
 

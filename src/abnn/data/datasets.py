@@ -126,13 +126,27 @@ def load_cifar10(split: str = "train", data_root: str | os.PathLike | None = Non
         ) from None
 
 
-def _decode_jpeg_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _decode_jpeg_npz(path: Path, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` (default all) images of ``cifar10_train_rest_jpeg.npz``, decoded."""
     from PIL import Image
 
     with np.load(path) as j:
-        b, o, y = j["jpeg_bytes"], j["jpeg_offsets"], j["y"]
-    x = np.stack([np.asarray(Image.open(io.BytesIO(b[o[i]:o[i + 1]].tobytes())).convert("RGB")) for i in range(len(o) - 1)])
+        b, o, y = j["jpeg_bytes"], j["jpeg_offsets"], j["y"][:n]
+    x = np.stack([np.asarray(Image.open(io.BytesIO(b[o[i]:o[i + 1]].tobytes())).convert("RGB")) for i in range(len(y))])
     return x, y
+
+
+def load_cifar10_heldout(n: int, data_root: str | os.PathLike | None = None) -> ImageData | None:
+    """The first ``n`` of the 30,000 JPEG-q75 CIFAR-10 training images: training images that a
+    run trains on only with ``include_jpeg``, so held out from every other run (for a per-epoch
+    robust accuracy, never for reported accuracies: JPEG shifts the distribution).  ``None``
+    when the file is absent."""
+    root = resolve_data_root(data_root)
+    path = root / "cifar10_train_rest_jpeg.npz" if root is not None else None
+    if path is None or not path.is_file():
+        return None
+    x, y = _decode_jpeg_npz(path, n)
+    return ImageData(_nhwc_to_tensor(x), torch.from_numpy(y), 10, "cifar10-train-heldout-jpeg")
 
 
 def _torchvision_cifar10(split: str, download_dir: str | os.PathLike | None) -> ImageData:

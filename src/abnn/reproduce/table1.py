@@ -28,17 +28,23 @@ from .schedule import Stage, plan_workers, run_stages
 #: settings that define a run; a finished run is reused only if all of them match
 _DEFINING = ("method", "dataset", "arch", "width", "epochs", "batch_size", "lr", "momentum", "weight_decay", "seed",
              "train_size", "augment", "include_jpeg", "full_cifar10", "substitute_stats", "encoder", "bn_affine",
-             "at_steps", "at_eps", "at_alpha")
+             "at_steps", "at_eps", "at_alpha", "substitute", "substitute_arch", "substitute_taps",
+             "in_domain_substitute", "fast_at_alpha", "robust_val_size", "keep_best")
 
 
 def _log(msg: str) -> None:
     tqdm.write(f"[reproduce] {msg}")
 
 
-def _check_same(run: Path, cfg: TrainConfig) -> None:
+def config_differences(run: Path, cfg: TrainConfig) -> list[str]:
+    """The run-defining settings in which ``run``'s recorded config differs from ``cfg``."""
     saved = TrainConfig.load(run / "config.json")
-    diff = [f"{k}: run has {getattr(saved, k)!r}, preset wants {getattr(cfg, k)!r}"
+    return [f"{k}: run has {getattr(saved, k)!r}, preset wants {getattr(cfg, k)!r}"
             for k in _DEFINING if getattr(saved, k) != getattr(cfg, k)]
+
+
+def _check_same(run: Path, cfg: TrainConfig) -> None:
+    diff = config_differences(run, cfg)
     if diff:
         raise AbnnError(f"{run} was made with other settings ({'; '.join(diff[:3])}); "
                         "rerun with --force to redo it, or choose another --out")

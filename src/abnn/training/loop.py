@@ -38,7 +38,7 @@ from .. import __version__
 from ..attacks import PGD
 from ..config import TrainConfig, write_json_atomic
 from ..data import BatchLoader, load_dataset
-from ..data.datasets import ImageData
+from ..data.datasets import ImageData, load_cifar10_heldout
 from ..errors import AbnnError, CheckpointError
 from ..models.io import check_state_dict
 from ..runs import build_model_from_config
@@ -73,11 +73,41 @@ def pgd_at_loss(eps: float, alpha: float, steps: int) -> BatchLoss:
     return loss
 
 
+def fast_at_loss(eps: float, alpha: float) -> BatchLoss:
+    """Fast-AT, FGSM with a random start (Wong, Rice & Kolter, ICLR 2020, "Fast is better than
+    free"; METHOD.md s. 5): delta ~ U(-eps, eps), one step ``delta += alpha * sign(grad)``
+    (alpha = 1.25 eps by default), projection to the eps-ball, clamp of ``x + delta`` to [0, 1];
+    then a training pass on the result.  4N per step: the attack's forward and input-gradient
+    backward, the training forward and backward.
+
+    BN mode during the attack step: **train mode**, as in the authors' reference code
+    (``train_fgsm.py`` keeps ``model.train()`` for the FGSM pass: batch statistics, and the
+    running statistics are updated by both passes).  Our PGD-AT makes its examples in eval mode
+    instead (METHOD.md s. 5); both choices follow their method's reference.  Under DDP the attack
+    pass uses the module inside the wrapper, as PGD-AT's does."""
+
+    def loss(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        logits = model(fgsm_rs_example(unwrap(model), x, y, eps=eps, alpha=alpha))
+        return F.cross_entropy(logits, y), logits
+
+    return loss
+
+
+def fgsm_rs_example(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, alpha: float) -> Tensor:
+    """Fast-AT's training example: FGSM from a uniform random start in the eps-ball, in the
+    model's current mode (train mode during training), projected to the eps-ball and [0, 1]."""
+    x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp_(0, 1).requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
+    return torch.minimum(torch.maximum(x_adv.detach() + alpha * grad.sign(), x - eps), x + eps).clamp_(0, 1)
+
+
 def batch_loss_for(cfg: TrainConfig) -> BatchLoss:
     """``pgd-at`` and ``oudefend`` (PGD-AT of a model with a feature-restoration block) train on
-    PGD examples; ``standard`` and ``abnn`` on clean data."""
+    PGD examples, ``fast-at`` on FGSM-RS examples; ``standard`` and ``abnn`` on clean data."""
     if cfg.method in ("pgd-at", "oudefend"):
         return pgd_at_loss(cfg.at_eps, cfg.at_alpha, cfg.at_steps)
+    if cfg.method == "fast-at":
+        return fast_at_loss(cfg.at_eps, cfg.fast_at_alpha)
     return clean_loss
 
 
@@ -168,6 +198,47 @@ def accuracy(model: nn.Module, data, batch_size: int, device: torch.device, *,
     return correct.item() / len(data)
 
 
+#: the per-epoch robust accuracy: the paper's evaluation attack, PGD-5 (METHOD.md s. 4)
+ROBUST_VAL_ATTACK = {"alpha": 2 / 255, "steps": 5, "random_start": True}
+
+
+def robust_accuracy(model: nn.Module, data, batch_size: int, device: torch.device, *, eps: float,
+                    seed: int) -> float:
+    """PGD-5 robust accuracy (correct clean and under attack) of ``model`` on ``data``: the
+    per-epoch signal that shows catastrophic overfitting (Wong et al. 2020 s. 5)."""
+    attack = PGD(model, eps=eps, seed=seed, **ROBUST_VAL_ATTACK)
+    robust = torch.zeros((), dtype=torch.long, device=device)
+    for x, y in BatchLoader(data, batch_size, device=device):
+        x_adv = attack(x, y)  # eval mode inside, previous mode restored
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            robust += ((model(x).argmax(1) == y) & (model(x_adv).argmax(1) == y)).sum()
+            model.train(was)
+    return robust.item() / len(data)
+
+
+def robust_val_data(cfg: TrainConfig) -> tuple[ImageData | None, str]:
+    """Images for the per-epoch robust accuracy and where they come from: for CIFAR-10 the first
+    ``robust_val_size`` JPEG training images that no run without ``include_jpeg`` trains on (held-out
+    training images); otherwise the LAST images of the test split, disjoint from the first
+    ``val_size`` ones (and from the first-n images every evaluation uses)."""
+    k = cfg.robust_val_size
+    if k == 0:
+        return None, ""
+    if cfg.dataset == "cifar10" and not (cfg.include_jpeg or cfg.full_cifar10):
+        held = load_cifar10_heldout(k, cfg.data_root)
+        if held is not None and len(held) == k:
+            return held, f"the first {k} JPEG-q75 CIFAR-10 training images (held out of training)"
+    test = load_dataset(cfg.dataset, "test", cfg.data_root, **({"full": True} if cfg.full_cifar10 else {}))
+    first = len(test) if cfg.val_size is None else cfg.val_size
+    if first + k > len(test):
+        raise AbnnError(f"--robust-val-size {k} overlaps the {first} validation images of the {len(test)}-image "
+                        f"test split; use at most {len(test) - first} (or a smaller --val-size)")
+    tail = ImageData(test.x[-k:], test.y[-k:], test.num_classes, f"{test.name}-last{k}", test.class_names)
+    return tail, f"the last {k} images of the {test.name} split (disjoint from the first {first})"
+
+
 def software_versions() -> dict:
     import torchvision
 
@@ -231,6 +302,7 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
     train_data = load_dataset(cfg.dataset, "train", cfg.data_root, **opts).subset(cfg.train_size)
     val_opts = {"full": True} if cfg.full_cifar10 else {}
     val_data = load_dataset(cfg.dataset, "test", cfg.data_root, **val_opts).subset(cfg.val_size) if cfg.val_size != 0 else None
+    rob_data, rob_source = robust_val_data(cfg)
 
     model = build_model_from_config(cfg).to(device)
     if ctx.rank > 0:  # own random stream per rank (PGD-AT starts, dropout); rank 0 matches a single process
@@ -261,7 +333,7 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
     counter = attach_networks(PassCounter(), model)
     amp_dtype = resolve_amp(cfg.amp, device)
 
-    start_epoch, skip, train_seconds, partial, ck = 0, 0, 0.0, None, None
+    start_epoch, skip, train_seconds, train_cpu, partial, ck = 0, 0, 0.0, 0.0, None, None
     if resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
         if not isinstance(ck, dict) or any(k not in ck for k in _CKPT_KEYS):
@@ -280,6 +352,7 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
                 torch.cuda.set_rng_state(mine["cuda"], device)
         saved_world = int(ck.get("world_size", 1))
         train_seconds = float(ck.get("train_seconds", 0.0))
+        train_cpu = float(ck.get("train_cpu_seconds", 0.0))
         if ck.get("epoch_done", True):
             start_epoch = int(ck["epoch"]) + 1
         else:
@@ -312,7 +385,7 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "scaler": step_fn.scaler.state_dict(), "cost": counter.state_dict(),
             "epoch": epoch, "epoch_done": done, "batch_in_epoch": batches, "step": step,
-            "train_seconds": train_seconds, "rng": rngs[0], "rng_per_rank": rngs, "world_size": ctx.world_size,
+            "train_seconds": train_seconds, "train_cpu_seconds": train_cpu, "rng": rngs[0], "rng_per_rank": rngs, "world_size": ctx.world_size,
             "config": cfg.to_dict(), "version": __version__,
         }
         if part is not None:  # a mid-epoch checkpoint: the epoch's sums so far, over all ranks
@@ -344,7 +417,7 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
             done_in_epoch = skip
         bar = tqdm(batches, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", disable=progress is not True,
                    leave=False, dynamic_ncols=True, total=steps_per_epoch, initial=done_in_epoch)
-        t0, paused, stop = time.perf_counter(), 0.0, False
+        t0, c0, paused, stop = time.perf_counter(), time.process_time(), 0.0, False
         for x, y in bar:
             loss, logits = step_fn(x, y)
             loss_sum += loss * len(y)
@@ -366,6 +439,7 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
             torch.cuda.synchronize(device)
         epoch_seconds += time.perf_counter() - t0 - paused
         train_seconds += epoch_seconds
+        train_cpu += time.process_time() - c0
         complete = done_in_epoch == steps_per_epoch
         if ctx.enabled:
             tot = all_reduce_sum(torch.stack([loss_sum, correct.double(), loss_sum.new_tensor(float(seen))]), ctx)
@@ -377,13 +451,18 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
             record = {"epoch": epoch + 1, "step": step, "train_loss": tot_loss / max(tot_seen, 1),
                       "train_acc": tot_correct / max(tot_seen, 1), "val_acc": val_acc, "lr": sched.get_last_lr()[0],
                       "epoch_seconds": epoch_seconds, "cost_N_per_step": counter.per_step()}
+            if rob_data is not None:
+                record["val_pgd_acc"] = robust_accuracy(model, rob_data, 256, device, eps=cfg.at_eps, seed=cfg.seed)
             if not complete:
                 record["partial"] = True
             with open(run / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if cfg.keep_best and complete and _is_best_epoch(run, epoch + 1):
+                save_atomic(model.state_dict(), run / "best.pt")
             if progress:
                 tqdm.write(f"[{run.name}: {cfg.method}] epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.4f} "
                            f"train_acc {record['train_acc']:.4f} val_acc {val_acc if val_acc is None else round(val_acc, 4)} "
+                           + (f"val_pgd_acc {record['val_pgd_acc']:.4f} " if rob_data is not None else "") +
                            f"({epoch_seconds:.1f}s, {counter.per_step():.1f}N/step)")
         if complete:  # after the metrics line: a kill between the two writes is undone by _truncate_metrics
             save_checkpoint(epoch, True, done_in_epoch, None)
@@ -393,13 +472,18 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
     counter.detach()
     results: dict = {}
     if ctx.is_main:
-        save_atomic(model.state_dict(), run / "model.pt")
+        robust = _robust_summary(run, cfg, rob_source) if rob_data is not None else {}
+        final_state = model.state_dict()
+        if cfg.keep_best and robust.get("best_robust_epoch") is not None and (run / "best.pt").is_file():
+            final_state = load_checkpoint(run / "best.pt")  # Wong et al.: the best-robust epoch, not the last
+        save_atomic(final_state, run / "model.pt")
         last = _last_metrics(run)
         results = {
             "method": cfg.method, "dataset": cfg.dataset, "arch": cfg.arch, "width": cfg.width,
             "epochs": cfg.epochs, "train_size": len(train_data), "batch_size": cfg.batch_size, "seed": cfg.seed,
             "final_val_acc": last.get("val_acc"), "val_size": len(val_data) if val_data is not None else 0,
             "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(counter.steps, 1),
+            "train_cpu_seconds": train_cpu,
             "cost": counter.summary(), "cost_N_per_step": counter.per_step(),
             "device": str(device), "threads": torch.get_num_threads(), "versions": software_versions(),
             "world_size": ctx.world_size, "per_rank_batch_size": per_rank_batch,
@@ -407,6 +491,7 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
             "amp": str(amp_dtype).replace("torch.", "") if amp_dtype is not None else "off",
             "channels_last": cfg.channels_last, "compile": cfg.compile,
             "sync_bn": bool(cfg.sync_bn and ctx.enabled),
+            **robust,
         }
         if cfg.method == "abnn":
             results["substitute"] = {"source": cfg.substitute, "arch": cfg.substitute_arch, "width": cfg.substitute_width,
@@ -421,6 +506,41 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
         results = {"method": cfg.method, "rank": ctx.rank, "world_size": ctx.world_size,
                    "final_val_acc": None, "cost_N_per_step": counter.per_step(), "train_seconds": train_seconds}
     return results
+
+
+#: a drop of the per-epoch robust accuracy by more than this from its best marks catastrophic
+#: overfitting (Wong et al. 2020 stop when it falls by 0.2 between checks)
+CATASTROPHIC_DROP = 0.2
+
+
+def _robust_history(run: Path) -> list[tuple[int, float]]:
+    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
+    recs = [json.loads(ln) for ln in lines if ln.strip()]
+    return [(r["epoch"], r["val_pgd_acc"]) for r in recs if r.get("val_pgd_acc") is not None and not r.get("partial")]
+
+
+def _is_best_epoch(run: Path, epoch: int) -> bool:
+    """Whether ``epoch`` has the highest per-epoch robust accuracy so far (the earliest on ties)."""
+    hist = _robust_history(run)
+    best = max(hist, key=lambda e: (e[1], -e[0]), default=None)
+    return best is not None and best[0] == epoch
+
+
+def _robust_summary(run: Path, cfg: TrainConfig, source: str) -> dict:
+    """The per-epoch robust accuracies, the best epoch, and whether catastrophic overfitting
+    happened (a fall of more than CATASTROPHIC_DROP below the best so far)."""
+    hist = _robust_history(run)
+    best = max(hist, key=lambda e: (e[1], -e[0]), default=(None, None))
+    peak, drops = 0.0, []
+    for ep, acc in hist:
+        peak = max(peak, acc)
+        if peak - acc > CATASTROPHIC_DROP:
+            drops.append(ep)
+    return {"robust_val": {"source": source, "n": cfg.robust_val_size, "attack": f"PGD-5, eps {cfg.at_eps * 255:g}/255",
+                           "per_epoch": [acc for _, acc in hist]},
+            "best_robust_epoch": best[0], "best_val_pgd_acc": best[1],
+            "final_val_pgd_acc": hist[-1][1] if hist else None,
+            "catastrophic_overfitting_epochs": drops, "model_pt_epoch": best[0] if cfg.keep_best else cfg.epochs}
 
 
 def _skip_batches(loader: BatchLoader, batches, n: int) -> None:

@@ -1,0 +1,203 @@
+"""Reports of the two studies: the cost-matched frontier (``frontier.png``, ``fast_at_epochs.png``)
+and the substitute-strength study (``substitute_study.png``), each with ``report.md``."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from pathlib import Path
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}"
+
+
+def _header(title: str, summary: dict) -> list[str]:
+    v, p = summary["versions"], summary["preset"]
+    lines = [f"# {title}", "",
+             f"Generated {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by `abnn` {v['abnn']} "
+             f"(torch {v['torch']}).", "",
+             f"Preset **{p['name']}** (the Table 1 preset: its target, data, schedule and seed for every point): "
+             f"{p['description']}.", ""]
+    if summary.get("command"):
+        lines += [f"Command: `{summary['command']}`", ""]
+    ev = summary["evaluation"]
+    lines += [f"Evaluation, the same for every point: the first {ev['n_eval']} test images, white-box through the "
+              f"whole model, float32; attacks (registry specs) {', '.join(f'`{a}`' for a in ev['attacks'])}, seed "
+              f"{ev['seed']}. `pgd` is the paper's PGD-5 (eps 8/255, alpha 2/255, random start); the worst case is "
+              "per sample over all of them (a sample counts as robust only if every attack fails on it). Pixel "
+              "budgets are in [0, 1] pixel units, written k/255.", ""]
+    return lines
+
+
+def figure_frontier(records: list[dict], path: Path, title: str) -> None:
+    """Clean and worst-case robust accuracy against measured training seconds and against the
+    total counted cost, one labelled point per method."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=100)
+    for ax, key, label in ((axes[0], "train_seconds", "measured training time (min)"),
+                           (axes[1], "total_cost_N", "total counted cost (N passes x steps, millions)")):
+        scale = 1 / 60 if key == "train_seconds" else 1e-6
+        for i, r in enumerate(records):
+            x = r[key] * scale
+            color = f"C{i}"
+            ax.scatter([x], [100 * r["clean_acc"]], marker="o", facecolors="none", edgecolors=color, s=50)
+            ax.scatter([x], [100 * r["worst_case_acc"]], marker="s", color=color, s=50)
+            ax.plot([x, x], [100 * r["worst_case_acc"], 100 * r["clean_acc"]], color=color, lw=0.8, alpha=0.5)
+            ax.annotate(r["name"], (x, 100 * r["worst_case_acc"]), textcoords="offset points", xytext=(5, -10),
+                        fontsize=7, color=color)
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(-2, 100)
+        ax.grid(alpha=0.3)
+    axes[0].scatter([], [], marker="o", facecolors="none", edgecolors="k", label="clean")
+    axes[0].scatter([], [], marker="s", color="k", label="worst-case robust (white-box)")
+    axes[0].legend(fontsize=7, loc="upper right")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def figure_robust_epochs(records: list[dict], path: Path, title: str) -> None:
+    """The per-epoch PGD-5 accuracy on held-out images of every run that recorded one."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4), dpi=100)
+    for r in records:
+        per = (r.get("robust_val") or {}).get("per_epoch")
+        if per:
+            ax.plot(range(1, len(per) + 1), [100 * a for a in per], "o-", label=r["name"])
+            if r.get("best_robust_epoch"):
+                ax.axvline(r["best_robust_epoch"], ls=":", color="gray", lw=0.8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("PGD-5 accuracy, held-out images (%)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_frontier_report(out: Path, summary: dict) -> None:
+    out = Path(out)
+    recs = summary["records"]
+    title = f"Robustness against training cost, preset {summary['preset']['name']}"
+    figure_frontier(recs, out / "frontier.png", title)
+    figure_robust_epochs(recs, out / "fast_at_epochs.png", "Fast-AT: per-epoch PGD-5 accuracy (catastrophic overfitting)")
+    lines = _header(title, summary)
+    lines += ["## Results (%)", "",
+              "| Method | Epochs | Counted N / step | Steps | Total counted cost (N) | Training time | Clean | PGD-5 | "
+              "Worst case | Worst case per hour of training |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in recs:
+        hours = r["train_seconds"] / 3600
+        lines.append(f"| {r['name']} | {r['epochs']} | {r['cost_N_per_step']:g} | {r['steps']} | "
+                     f"{r['total_cost_N']:,} | {r['train_seconds'] / 60:.1f} min | {_pct(r['clean_acc'])} | "
+                     f"{_pct(r['robust_acc'].get('pgd'))} | **{_pct(r['worst_case_acc'])}** | "
+                     f"{100 * r['worst_case_acc'] / hours:.1f} |")
+    m = summary["matched"]
+    sub = summary["substitute"]
+    lines += ["", "Counted N / step: network passes per training step, counted by hooks while the run trained "
+              "(never from the formula); total counted cost = counted passes over the whole run. Training time: "
+              "wall-clock seconds of the training steps (evaluation excluded), "
+              f"{recs[0].get('threads')} torch thread(s) per run, precision `{recs[0].get('amp')}`.", "",
+              f"Cost-matched PGD-AT: ABNN trained in {m['abnn_train_seconds'] / 60:.1f} min and PGD-AT in "
+              f"{m['pgd_at_train_seconds'] / 60:.1f} min for {m['pgd_at_epochs']} epochs, so the matched PGD-AT runs "
+              f"round({m['pgd_at_epochs']} x {m['abnn_train_seconds']:.0f} / {m['pgd_at_train_seconds']:.0f}) = "
+              f"**{m['matched_epochs']} epochs** (cosine schedule over its own epochs); it took "
+              f"{m['matched_train_seconds'] / 60:.1f} min.", "",
+              f"ABNN's cost above excludes its substitute, pretrained once and reusable for any target: "
+              f"{sub.get('arch')} width {sub.get('width')} on {sub.get('dataset')}, {sub.get('epochs')} epochs, "
+              f"{(sub.get('train_seconds') or 0) / 60:.1f} min, validation accuracy {_pct(sub.get('val_acc'))}%.", ""]
+    fa = next((r for r in recs if r["method"] == "fast-at"), None)
+    if fa is not None and fa.get("robust_val"):
+        rv = fa["robust_val"]
+        co = fa.get("catastrophic_overfitting_epochs") or []
+        lines += ["## Fast-AT", "",
+                  f"FGSM with a random start (Wong, Rice & Kolter 2020), counted {fa['cost_N_per_step']:g}N per step; "
+                  "BN in train mode during the attack step, as in the authors' code. Per-epoch PGD-5 accuracy on "
+                  f"{rv['n']} held-out images ({rv['source']}): "
+                  + ", ".join(_pct(a) for a in rv["per_epoch"]) + f". Best epoch {fa.get('best_robust_epoch')}; the "
+                  f"evaluated model is epoch {fa.get('model_pt_epoch')} (the best-robust checkpoint, as Wong et al. "
+                  "keep). "
+                  + (f"**Catastrophic overfitting** at epoch(s) {', '.join(map(str, co))} (a fall of more than 20 "
+                     "points below the best)." if co else "No catastrophic overfitting (no fall of more than 20 "
+                                                          "points below the best epoch)."), "",
+                  "![Fast-AT per-epoch robust accuracy](fast_at_epochs.png)", ""]
+    lines += ["## Figure", "", "![frontier](frontier.png)", "",
+              "Each method is one point: hollow circle = clean accuracy, filled square = worst-case robust accuracy.", "",
+              "## Every attack (%)", "", "| Method | " + " | ".join(summary["evaluation"]["attacks"]) + " |",
+              "|---|" + "---:|" * len(summary["evaluation"]["attacks"])]
+    for r in recs:
+        lines.append(f"| {r['name']} | " + " | ".join(_pct(v) for v in r["robust_acc"].values()) + " |")
+    lines += ["", "Run folders: " + ", ".join(f"{r['name']}: `{r['run']}`" for r in recs) + ".", "",
+              "Machine-readable: `results.json`.", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def figure_substitute_study(records: list[dict], path: Path, title: str) -> None:
+    """ABNN's PGD-5 and worst-case robust accuracy against its substitute's own accuracy."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    for i, r in enumerate(records):
+        x = 100 * r["substitute_val_acc"]
+        marker = "^" if r["in_domain"] else "o"
+        ax.scatter([x], [100 * r["robust_acc"].get("pgd", 0)], marker=marker, facecolors="none", edgecolors=f"C{i}", s=60)
+        ax.scatter([x], [100 * r["worst_case_acc"]], marker=marker, color=f"C{i}", s=60, label=r["label"])
+    ax.set_xlabel("substitute's own validation accuracy (%); in-domain = CIFAR-10 test, else tinyimagenet32 val")
+    ax.set_ylabel("ABNN robust accuracy (%)")
+    ax.set_ylim(bottom=-1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="best", title="hollow: PGD-5; filled: worst case; triangle: in-domain", title_fontsize=6)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_substitute_study_report(out: Path, summary: dict) -> None:
+    out = Path(out)
+    recs = summary["records"]
+    title = f"ABNN and the strength of its substitute, preset {summary['preset']['name']}"
+    figure_substitute_study(recs, out / "substitute_study.png", title)
+    lines = _header(title, summary)
+    lines += ["## Results (%)", "",
+              "| Substitute | Its own accuracy | ABNN clean | PGD-5 | Worst case | Shift of mu(z_s) | Shift of sigma(z_s) | "
+              "Shift of the target's mu, sigma |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in recs:
+        sh = r["statistics_shift"]
+        mean = lambda v: sum(v) / len(v)  # noqa: E731
+        lines.append(f"| {r['label']} | {_pct(r['substitute_val_acc'])} ({r['substitute_val_dataset']}) | "
+                     f"{_pct(r['clean_acc'])} | {_pct(r['robust_acc'].get('pgd'))} | **{_pct(r['worst_case_acc'])}** | "
+                     f"{mean(sh['substitute']['mu']):.3f} | {mean(sh['substitute']['sigma']):.3f} | "
+                     f"{mean(sh['target']['mu']):.3f}, {mean(sh['target']['sigma']):.3f} |")
+    lines += ["", "In-domain substitutes (trained on CIFAR-10, the target's own dataset) break the paper's premise on "
+              "purpose: they bound what any substitute could give. Their accuracy is on the CIFAR-10 test set (10 "
+              "classes), the others' on the tinyimagenet32 validation set (200 classes): the two are not on one scale.",
+              "", "Shift: the mean over test images and stages of |m(x_adv) - m(x)| / |m(x)|, for m the per-sample mean "
+              "(mu) or standard deviation (sigma) over all of a stage's activations, x_adv the paper's PGD-5 example "
+              "against the whole ABNN model. The paper claims the substitute's statistics stay \"relatively "
+              "unaffected\"; the target's own pre-normalisation statistics are the reference.", "",
+              "## Per stage", ""]
+    for r in recs:
+        sh = r["statistics_shift"]
+        lines.append(f"- {r['label']}: substitute mu " + ", ".join(f"{v:.3f}" for v in sh["substitute"]["mu"])
+                     + "; sigma " + ", ".join(f"{v:.3f}" for v in sh["substitute"]["sigma"])
+                     + "; target mu " + ", ".join(f"{v:.3f}" for v in sh["target"]["mu"])
+                     + "; sigma " + ", ".join(f"{v:.3f}" for v in sh["target"]["sigma"]) + f" (stages {', '.join(sh['stages'])})")
+    lines += ["", "## Figure", "", "![substitute study](substitute_study.png)", "",
+              "## Every attack (%)", "", "| Substitute | " + " | ".join(summary["evaluation"]["attacks"]) + " |",
+              "|---|" + "---:|" * len(summary["evaluation"]["attacks"])]
+    for r in recs:
+        lines.append(f"| {r['label']} | " + " | ".join(_pct(v) for v in r["robust_acc"].values()) + " |")
+    lines += ["", "Run folders: " + ", ".join(f"{r['substitute']}: `{r['run']}`" for r in recs) + ".", "",
+              "Machine-readable: `results.json`.", ""]
+    (out / "report.md").write_text("\n".join(lines))

@@ -1,0 +1,178 @@
+"""Is ABNN worth its cost?  A robustness frontier at matched training budgets.
+
+Five models on the Table 1 preset's target, data, schedule and seed (METHOD.md s. 5, "Comparing
+defenses at equal budget"): no defense, ABNN, Fast-AT (Wong, Rice & Kolter 2020), PGD-AT at the
+preset's epochs, and PGD-AT *cost-matched*: its epochs cut so that its measured training
+seconds match ABNN's.  Every model is evaluated with the paper's PGD-5 and a strong white-box
+worst case (APGD-CE and APGD-T, per sample) on the same test images.  The report gives, per
+method, the counted passes per step, the total counted cost (N x steps) and the measured
+training seconds, and plots clean and worst-case accuracy against both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import TrainConfig, write_json_atomic
+from ..training.loop import software_versions
+from .presets import Table1Preset
+from .schedule import Stage, plan_workers, run_stages
+from .stages import StudyEval, TrainPoint, eval_of, eval_stages, place, train_stages, with_progress
+from .table1 import _job_train, _log
+
+#: every point of the frontier, in report order
+FRONTIER = ("standard", "abnn", "fast-at", "pgd-at", "pgd-at-matched")
+NAMES = {"standard": "No defense", "abnn": "ABNN", "fast-at": "Fast-AT", "pgd-at": "PGD-AT",
+         "pgd-at-matched": "PGD-AT, cost-matched"}
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """What the studies add to a Table 1 preset."""
+
+    robust_val_size: int              # Fast-AT's per-epoch PGD-5 accuracy (catastrophic overfitting)
+    strong: tuple[str, ...]           # the strong white-box attacks of the worst case (registry specs)
+    eval_batch_size: int = 250
+
+
+STUDY_SETTINGS = {
+    "smoke": StudySettings(robust_val_size=32, strong=("apgd-ce:steps=5", "apgd-t:steps=5,n_target_classes=3"),
+                           eval_batch_size=48),
+    "cpu": StudySettings(robust_val_size=500, strong=("apgd-ce:steps=100", "apgd-t:steps=100,n_target_classes=9")),
+}
+
+
+def study_settings(preset: Table1Preset) -> StudySettings:
+    from ..errors import AbnnError
+
+    if preset.name not in STUDY_SETTINGS:
+        raise AbnnError(f"the studies run with the presets {', '.join(STUDY_SETTINGS)}; got {preset.name!r}")
+    return STUDY_SETTINGS[preset.name]
+
+
+def study_eval(preset: Table1Preset) -> StudyEval:
+    st = study_settings(preset)
+    return StudyEval(attacks=("pgd", *st.strong), n_eval=preset.n_eval, batch_size=st.eval_batch_size,
+                     seed=preset.seed)
+
+
+def matched_epochs(epochs: int, abnn_seconds: float, pgdat_seconds: float) -> int:
+    """PGD-AT epochs whose measured training seconds match ABNN's: the nearest whole number of
+    epochs, at least one (PGD-AT's seconds per epoch are the same at any epoch count)."""
+    return max(1, round(epochs * abnn_seconds / pgdat_seconds))
+
+
+def _job_matched(run: Path, base: TrainConfig, abnn_run: Path, pgdat_run: Path, force: bool,
+                 progress: bool | str) -> dict:
+    from ..runs import read_json
+
+    cfg = dataclasses.replace(base, epochs=matched_epochs(
+        base.epochs, read_json(abnn_run / "train_results.json")["train_seconds"],
+        read_json(pgdat_run / "train_results.json")["train_seconds"]))
+    return _job_train(run, cfg, force, progress)
+
+
+def frontier_points(preset: Table1Preset, out: Path, table1_dir: Path | None, data_root: str | None,
+                    device: str) -> list[TrainPoint]:
+    """The training stages: the substitute and the five models (the matched one's config is
+    fixed only once ABNN and PGD-AT have trained; see :func:`_job_matched`)."""
+    shared = [table1_dir] if table1_dir is not None else []
+
+    def cfg_for(method: str, substitute: str | None) -> TrainConfig:
+        cfg = preset.method_config("pgd-at" if method == "pgd-at-matched" else method, substitute)
+        cfg.data_root, cfg.device = data_root, device
+        if method == "fast-at":
+            cfg.robust_val_size, cfg.keep_best = study_settings(preset).robust_val_size, True
+        return cfg
+
+    sub_cfg = preset.substitute_config()
+    sub_cfg.data_root, sub_cfg.device = data_root, device
+    sub = TrainPoint("substitute", place("substitute", sub_cfg, out, shared), sub_cfg)
+    points = [sub]
+    for m in FRONTIER:
+        cfg = cfg_for(m, str(sub.run) if m == "abnn" else None)
+        after = ("substitute",) if m == "abnn" else ()
+        points.append(TrainPoint(m, place(m, cfg, out, shared, folder=m), cfg, after))
+    return points
+
+
+def run_frontier(preset: Table1Preset, out: str | Path, *, table1_dir: str | Path | None = None,
+                 data_root: str | None = None, device: str = "cpu", force: bool = False, progress: bool = True,
+                 command: str = "", jobs: int | None = None, threads: int | None = None) -> dict:
+    """Train (or reuse) and evaluate the five frontier models; write report.md, results.json,
+    frontier.png and fast_at_epochs.png into ``out``."""
+    from ..report_studies import write_frontier_report
+    from ..runs import read_json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    table1 = Path(table1_dir) if table1_dir is not None else None
+    points = frontier_points(preset, out, table1, data_root, device)
+    by = {p.name: p for p in points}
+    matched = by["pgd-at-matched"]
+    if matched.is_finished() and not force:  # its epochs were fixed when it trained
+        matched.cfg.epochs = TrainConfig.load(matched.run / "config.json").epochs
+    stages, done = train_stages([p for p in points if p.name != "pgd-at-matched"], force=force)
+    if force or not matched.is_finished():
+        stages.append(Stage("pgd-at-matched", _job_matched,
+                            (matched.run, matched.cfg, by["abnn"].run, by["pgd-at"].run, force),
+                            after=tuple(n for n in ("abnn", "pgd-at") if n not in done), weight=2.0))
+    else:
+        done["pgd-at-matched"] = read_json(matched.run / "train_results.json")
+    models = [by[m] for m in FRONTIER]
+    spec = study_eval(preset)
+    ev_stages, ev_done = eval_stages(models, spec, data_root, device, force=force)
+    stages += ev_stages
+    done.update(ev_done)
+    workers, per_stage = plan_workers(jobs, threads, stages)
+    with_progress(stages, workers, progress)
+    _log(f"frontier: {len(stages)} stages to run, {len(done)} reused; {workers} at a time, {per_stage} thread(s) each")
+    results = run_stages(stages, workers=workers, threads=per_stage, done=done,
+                         on_done=lambda name, _: _log(f"stage {name} done") if workers > 1 else None)
+    matched.cfg = TrainConfig.load(matched.run / "config.json")
+
+    records = [frontier_record(p, results[p.name], eval_of(p, models, results), p.run) for p in models]
+    summary = {
+        "preset": preset.to_dict(), "records": records, "evaluation": spec.key(),
+        "substitute": {"run": str(by["substitute"].run), **_substitute_info(results["substitute"])},
+        "matched": {"abnn_train_seconds": results["abnn"]["train_seconds"],
+                    "pgd_at_train_seconds": results["pgd-at"]["train_seconds"], "pgd_at_epochs": preset.epochs,
+                    "matched_epochs": matched.cfg.epochs,
+                    "matched_train_seconds": results["pgd-at-matched"]["train_seconds"]},
+        "command": command, "versions": software_versions(), "workers": workers, "threads_per_stage": per_stage,
+        "pipeline_seconds_this_call": time.perf_counter() - t_start,
+    }
+    write_json_atomic(out / "results.json", summary)
+    write_frontier_report(out, summary)
+    _log(f"report written to {out / 'report.md'}")
+    return summary
+
+
+def _substitute_info(tr: dict) -> dict:
+    return {"dataset": tr.get("dataset"), "arch": tr.get("arch"), "width": tr.get("width"), "epochs": tr.get("epochs"),
+            "val_acc": tr.get("final_val_acc"), "val_size": tr.get("val_size"), "train_seconds": tr.get("train_seconds")}
+
+
+def frontier_record(point: TrainPoint, tr: dict, ev: dict, run: Path) -> dict:
+    """One method's record: settings, counted and measured cost, clean / PGD-5 / worst case."""
+    cost = tr["cost"]
+    rec = {
+        "method": point.name, "name": NAMES.get(point.name, point.name), "run": str(run),
+        "train_method": point.cfg.method, "epochs": point.cfg.epochs, "width": point.cfg.width,
+        "train_size": tr["train_size"], "batch_size": point.cfg.batch_size, "seed": point.cfg.seed,
+        "cost_N_per_step": tr["cost_N_per_step"], "cost_counts": cost["per_network"], "steps": cost["steps"],
+        "total_cost_N": cost["total_N"], "train_seconds": tr["train_seconds"],
+        "train_cpu_seconds": tr.get("train_cpu_seconds"), "seconds_per_step": tr["seconds_per_step"],
+        "threads": tr.get("threads"), "amp": tr.get("amp", "off"),
+        "clean_acc": ev["clean_acc"], "robust_acc": ev["robust_acc"], "worst_case_acc": ev["worst_case_acc"],
+        "n_eval": ev["n_eval"], "eval_seconds": ev["seconds"],
+    }
+    for key in ("robust_val", "best_robust_epoch", "best_val_pgd_acc", "final_val_pgd_acc",
+                "catastrophic_overfitting_epochs", "model_pt_epoch", "substitute"):
+        if key in tr:
+            rec[key] = tr[key]
+    return rec
