@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -69,6 +71,17 @@ def _call(fn: Callable[..., Any], threads: int, args: tuple, kwargs: dict) -> An
     return fn(*args, **kwargs)
 
 
+def _worker_init(parent: int) -> None:
+    """A stage process ends when the reproduce process that started it is gone (killed,
+    say): it must not train on unattended.  Its run folder keeps the last checkpoint."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def run_stages(stages: list[Stage], *, workers: int, threads: int, done: dict[str, Any] | None = None,
                on_done: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
     """Run every stage after the stages it needs; return {name: result}, ``done`` included
@@ -93,7 +106,8 @@ def run_stages(stages: list[Stage], *, workers: int, threads: int, done: dict[st
             if on_done:
                 on_done(s.name, results[s.name])
         return results
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                             initializer=_worker_init, initargs=(os.getpid(),)) as pool:
         error: BaseException | None = None
         while len(results) < total:
             if error is None:

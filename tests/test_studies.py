@@ -1,0 +1,90 @@
+"""The two studies end to end on the smoke preset: `reproduce frontier` and
+`reproduce substitute-study` write their JSON, reports and figures; reruns reuse every stage."""
+
+import json
+
+import pytest
+
+from abnn.cli import main
+from conftest import shared_data_root
+
+
+@pytest.fixture
+def root(fake_data_root):
+    return shared_data_root() or fake_data_root  # real data when present (as in CI), else fake npz files
+
+
+def test_frontier_smoke_end_to_end(tmp_path, root, capsys):
+    out, t1 = tmp_path / "frontier", tmp_path / "t1"
+    common = ["--preset", "smoke", "--data-root", str(root), "--no-progress"]
+    assert main(["reproduce", "table1", "--out", str(t1), *common]) == 0  # stages to reuse
+    capsys.readouterr()
+    args = ["reproduce", "frontier", "--out", str(out), "--table1-out", str(t1), *common]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert err.count("finished earlier, reused") == 4  # substitute, no defense, ABNN, PGD-AT of Table 1
+    for f in ("report.md", "results.json", "frontier.png", "fast_at_epochs.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    res = json.loads((out / "results.json").read_text())
+    recs = {r["method"]: r for r in res["records"]}
+    assert list(recs) == ["standard", "abnn", "fast-at", "pgd-at", "pgd-at-matched"]
+    assert [recs[m]["cost_N_per_step"] for m in recs] == [2.0, 3.0, 4.0, 12.0, 12.0]
+    for r in recs.values():
+        assert r["total_cost_N"] == r["cost_N_per_step"] * r["steps"] and r["train_seconds"] > 0
+        assert r["worst_case_acc"] <= min(r["robust_acc"].values()) <= r["clean_acc"]
+    assert recs["abnn"]["run"] == str(t1 / "abnn") and recs["fast-at"]["run"] == str(out / "fast-at")
+    assert 1 <= res["matched"]["matched_epochs"] == recs["pgd-at-matched"]["epochs"] <= recs["pgd-at"]["epochs"]
+    assert len(recs["fast-at"]["robust_val"]["per_epoch"]) == recs["fast-at"]["epochs"]
+    report = (out / "report.md").read_text()
+    assert "Cost-matched PGD-AT" in report and "Fast-AT" in report and "frontier.png" in report
+
+    assert main(args) == 0  # a rerun trains and attacks nothing
+    err = capsys.readouterr().err
+    assert "training (" not in err and "evaluating" not in err
+
+
+def test_substitute_study_smoke_end_to_end(tmp_path, root):
+    out = tmp_path / "study"
+    assert main(["reproduce", "substitute-study", "--preset", "smoke", "--out", str(out), "--data-root", str(root),
+                 "--no-progress"]) == 0
+    for f in ("report.md", "results.json", "substitute_study.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    res = json.loads((out / "results.json").read_text())
+    recs = {r["substitute"]: r for r in res["records"]}
+    expected = ["untrained", "tiny-weak", "tiny", "cifar10-vgg"]
+    if (root / "weights" / "resnet20-12fca82f.th").is_file():
+        expected.append("cifar10-resnet20")
+    assert list(recs) == expected
+    assert [r["in_domain"] for r in recs.values()] == [name.startswith("cifar10") for name in expected]
+    for r in recs.values():
+        assert 0 <= r["substitute_val_acc"] <= 1 and r["cost_N_per_step"] == 3.0
+        assert r["worst_case_acc"] <= r["robust_acc"]["pgd"] <= r["clean_acc"]
+        shift = r["statistics_shift"]
+        assert len(shift["stages"]) == 5
+        assert all(len(shift[w][m]) == 5 and all(v >= 0 for v in shift[w][m])
+                   for w in ("substitute", "target") for m in ("mu", "sigma"))
+    assert "breaks the premise" in (out / "report.md").read_text()
+
+
+def test_resnet20_tapped_by_module_name_as_substitute(tmp_path, data_root):
+    """The reference CIFAR-10 ResNet-20 as an (in-domain) substitute, tapped by module names."""
+    out = tmp_path / "abnn-r20"
+    weights = data_root / "weights" / "resnet20-12fca82f.th"
+    if not weights.is_file():
+        pytest.skip("reference ResNet-20 weights not found in the data root")
+    args = ["train", "--method", "abnn", "--substitute", str(weights), "--substitute-arch", "resnet20",
+            "--substitute-taps", "layer1.0,layer1,layer2,layer3.0,layer3", "--allow-in-domain-substitute",
+            "--width", "0.0625", "--epochs", "1", "--train-size", "64", "--batch-size", "32", "--val-size", "0",
+            "--out", str(out), "--data-root", str(data_root), "--no-progress"]
+    assert main(args) == 0
+    res = json.loads((out / "train_results.json").read_text())
+    assert res["cost_N_per_step"] == 3.0
+
+    from abnn.models import resnet20_reference
+    from abnn.runs import load_run
+    import torch
+
+    model, cfg = load_run(out)
+    assert cfg.substitute_taps == ["layer1.0", "layer1", "layer2", "layer3.0", "layer3"]
+    ref = resnet20_reference(str(weights))
+    assert all(torch.equal(a, b) for a, b in zip(model.substitute.state_dict().values(), ref.state_dict().values()))
