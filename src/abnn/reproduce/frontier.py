@@ -65,14 +65,31 @@ def matched_epochs(epochs: int, abnn_seconds: float, pgdat_seconds: float) -> in
     return max(1, round(epochs * abnn_seconds / pgdat_seconds))
 
 
+#: the clocks that the cost matching can compare, and their names in reports
+CLOCKS = {"train_cpu_seconds": "process CPU seconds (one thread)", "train_seconds": "wall-clock seconds"}
+
+
+def common_clock(*results: dict) -> str:
+    """The clock to compare runs by: the process CPU seconds when every run recorded them on one
+    CPU thread (what a run costs on one core, whatever else the machine runs), else wall-clock."""
+    cpu = all(r.get("train_cpu_seconds") and r.get("threads") == 1 and str(r.get("device", "cpu")) == "cpu"
+              for r in results)
+    return "train_cpu_seconds" if cpu else "train_seconds"
+
+
+def matching(abnn: dict, pgdat: dict, epochs: int) -> dict:
+    """How the cost-matched PGD-AT's epochs follow from ABNN's and PGD-AT's measured seconds."""
+    clock = common_clock(abnn, pgdat)
+    return {"clock": CLOCKS[clock], "clock_key": clock, "abnn_seconds": abnn[clock], "pgd_at_seconds": pgdat[clock],
+            "pgd_at_epochs": epochs, "matched_epochs": matched_epochs(epochs, abnn[clock], pgdat[clock])}
+
+
 def _job_matched(run: Path, base: TrainConfig, abnn_run: Path, pgdat_run: Path, force: bool,
                  progress: bool | str) -> dict:
     from ..runs import read_json
 
-    cfg = dataclasses.replace(base, epochs=matched_epochs(
-        base.epochs, read_json(abnn_run / "train_results.json")["train_seconds"],
-        read_json(pgdat_run / "train_results.json")["train_seconds"]))
-    return _job_train(run, cfg, force, progress)
+    m = matching(read_json(abnn_run / "train_results.json"), read_json(pgdat_run / "train_results.json"), base.epochs)
+    return _job_train(run, dataclasses.replace(base, epochs=m["matched_epochs"]), force, progress)
 
 
 def frontier_points(preset: Table1Preset, out: Path, table1_dir: Path | None, data_root: str | None,
@@ -139,10 +156,9 @@ def run_frontier(preset: Table1Preset, out: str | Path, *, table1_dir: str | Pat
     summary = {
         "preset": preset.to_dict(), "records": records, "evaluation": spec.key(),
         "substitute": {"run": str(by["substitute"].run), **_substitute_info(results["substitute"])},
-        "matched": {"abnn_train_seconds": results["abnn"]["train_seconds"],
-                    "pgd_at_train_seconds": results["pgd-at"]["train_seconds"], "pgd_at_epochs": preset.epochs,
-                    "matched_epochs": matched.cfg.epochs,
-                    "matched_train_seconds": results["pgd-at-matched"]["train_seconds"]},
+        "matched": (m := matching(results["abnn"], results["pgd-at"], preset.epochs))
+                   | {"epochs_trained": matched.cfg.epochs,
+                      "matched_seconds": results["pgd-at-matched"].get(m["clock_key"])},
         "command": command, "versions": software_versions(), "workers": workers, "threads_per_stage": per_stage,
         "pipeline_seconds_this_call": time.perf_counter() - t_start,
     }
