@@ -11,9 +11,12 @@ Every problem the user can fix (missing data, bad checkpoint, bad flag value) en
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 from .config import AMP_MODES, METHODS, TrainConfig
 from .errors import AbnnError
@@ -40,7 +43,9 @@ def _add_train_opts(p: argparse.ArgumentParser, d: TrainConfig) -> None:
                    help=f"held-out images for the per-epoch accuracy (default {d.val_size}; -1: all; 0: none)")
     p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (smoke tests)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out from its checkpoint; every run-defining flag must be "
+                        "as recorded in its config.json (--device, --threads, --checkpoint-every ... may change)")
     _add_common(p)
 
 
@@ -247,6 +252,30 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _holding_lock(folder_of: Callable[[argparse.Namespace], Path | None]):
+    """Run a command holding the lock of the folder it writes (:func:`abnn.runs.run_lock`,
+    which proves it writable first), so that a second writer is refused before any computation."""
+    def wrap(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        @functools.wraps(cmd)
+        def run(a: argparse.Namespace) -> int:
+            from .runs import run_lock
+
+            folder = folder_of(a)
+            with run_lock(folder) if folder is not None else contextlib.nullcontext():
+                return cmd(a)
+        return run
+    return wrap
+
+
+def _evaluate_output(a: argparse.Namespace) -> Path | None:
+    """The folder `evaluate` writes: the suite's folder, or the folder of its JSON file (none
+    when the run is missing: evaluate then says so)."""
+    if not Path(a.run).is_dir():
+        return None
+    return Path(a.out or Path(a.run) / "suite") if a.suite else Path(a.out or Path(a.run) / "eval.json").parent
+
+
+@_holding_lock(_evaluate_output)
 def cmd_evaluate(a: argparse.Namespace) -> int:
     import torch
 
@@ -393,6 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # `train --nproc` relaunches with these
     try:
+        if getattr(args, "threads", None) is not None and args.threads < 1:
+            raise AbnnError(f"--threads must be an integer >= 1, got {args.threads}")
         return args.func(args)
     except AbnnError as exc:
         print(f"abnn: error: {exc}", file=sys.stderr)

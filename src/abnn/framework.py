@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .errors import InputRangeError
 from .layers import AdaptiveBatchNorm2d, AdaptiveBatchNorm3d, EncoderKind, SubstituteStats
 
 __all__ = ["ABNN"]
@@ -38,6 +39,9 @@ class ABNN(nn.Module):
         input_shape: shape of one input sample, e.g. ``(3, 32, 32)``; used once to size the layers.
         substitute_stats, encoder, bn_affine, encoder_hidden, max_flatten_params: passed to every
             :class:`~abnn.layers.AdaptiveBatchNorm` (``METHOD.md`` s. 1).
+        check_input: refuse input that is not finite pixels in [0, 1] (NaN, 0-255 images,
+            already-normalised tensors) with an :class:`~abnn.errors.InputRangeError`; see
+            :meth:`check_pixels`.  Also settable later (``model.check_input = False``).
 
     Example::
 
@@ -58,8 +62,10 @@ class ABNN(nn.Module):
         bn_affine: bool = True,
         encoder_hidden: int = 256,
         max_flatten_params: int | None = None,
+        check_input: bool = True,
     ) -> None:
         super().__init__()
+        self.check_input = check_input
         if target_stages is None:
             target_stages = getattr(target, "stages", None)
             if target_stages is None:
@@ -143,12 +149,33 @@ class ABNN(nn.Module):
             raise ValueError(
                 f"ABNN expects input of shape (B, {', '.join(map(str, self.input_shape))}) in [0, 1]; got {tuple(x.shape)}"
             )
+        if self.check_input and not torch.compiler.is_compiling():
+            self.check_pixels(x)
         feats = self.substitute_features(x)
         self._pending = dict(zip(self.target_stages, feats))
         try:
             return self.target(x)
         finally:
             self._pending = None
+
+    @staticmethod
+    def check_pixels(x: Tensor) -> None:
+        """Refuse input that is not finite pixels in [0, 1] (one min/max reduction; NaN and inf
+        fail it too).  On the CPU the result is read at once.  On CUDA reading it would wait
+        for the device at every forward (an attack loop would lose its pipelining), so the check
+        is queued with ``torch._assert_async``: bad input then fails as a device-side assertion
+        at the next synchronisation, which leaves the CUDA context unusable; check inputs
+        yourself first, or set ``check_input=False``, where that matters."""
+        if x.numel() == 0:
+            return
+        lo, hi = torch.aminmax(x.detach())
+        ok = (lo >= 0) & (hi <= 1)   # False for NaN
+        if x.device.type == "cuda":
+            torch._assert_async(ok, "ABNN input must be finite pixels in [0, 1]")
+        elif not bool(ok):
+            raise InputRangeError(
+                f"ABNN input must be finite pixels in [0, 1] (the models normalise internally); got values in "
+                f"[{lo.item():.4g}, {hi.item():.4g}]" + (" (divide 0-255 images by 255)" if hi.item() > 1.5 else ""))
 
     def train(self, mode: bool = True) -> "ABNN":
         """Train mode applies to the target and the adaptive layers; the substitute stays in eval."""

@@ -1,19 +1,27 @@
 """A run folder is the unit of work: ``config.json``, ``checkpoint.pt``, ``metrics.jsonl``,
-``model.pt`` (final weights), ``train_results.json``, ``eval*.json``.  This module builds the
-model a config describes and loads a finished run back."""
+``model.pt`` (final weights), ``train_results.json``, ``eval*.json``, and ``abnn.lock`` while a
+process writes it.  This module builds the model a config describes, loads a finished run back,
+compares a run's recorded settings with new ones, and holds a folder's lock."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
+import socket
+import sys
+import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from .config import SettingDifference, TrainConfig, config_differences
 from .data.datasets import DATASETS, INPUT_SHAPES
-from .errors import AbnnError
+from .errors import AbnnError, RunLockedError, SettingsMismatchError
+from .files import ensure_writable
 from .framework import ABNN
 from .models import build_model, r3d18_substitute, resnet20_reference, vgg19_bn_substitute, with_oudefend
 from .models.io import check_state_dict, load_state_dict_file
@@ -50,13 +58,23 @@ def resolve_substitute(spec: str, *, in_domain: bool = False) -> tuple[str | Non
                     "nor random")
 
 
+def resolve_config(cfg: TrainConfig) -> TrainConfig:
+    """A copy of ``cfg`` with the substitute's architecture, width and class count taken from
+    its source (a substitute run folder or torchvision weights), as a run records them.  A bare
+    weights file keeps the config's values.  Reads no weights."""
+    if cfg.method != "abnn" or not cfg.substitute:
+        return dataclasses.replace(cfg)
+    _, meta = resolve_substitute(cfg.substitute, in_domain=cfg.in_domain_substitute)
+    return dataclasses.replace(cfg, substitute_arch=meta.get("arch", cfg.substitute_arch),
+                               substitute_width=meta.get("width", cfg.substitute_width),
+                               substitute_num_classes=meta.get("num_classes", cfg.substitute_num_classes))
+
+
 def build_substitute(cfg: TrainConfig, *, load_weights: bool = True) -> nn.Module:
-    """The frozen substitute of an ABNN run (VGG-19-BN for images, R3D-18 for video)."""
-    weights, meta = resolve_substitute(cfg.substitute, in_domain=cfg.in_domain_substitute) if load_weights else (None, {})
-    arch = meta.get("arch", cfg.substitute_arch)
-    width = meta.get("width", cfg.substitute_width)
-    ncls = meta.get("num_classes", cfg.substitute_num_classes)
-    cfg.substitute_arch, cfg.substitute_width, cfg.substitute_num_classes = arch, width, ncls
+    """The frozen substitute of an ABNN run (VGG-19-BN for images, R3D-18 for video), as
+    ``cfg`` describes it (see :func:`resolve_config`); with ``load_weights`` its weights too."""
+    weights = resolve_substitute(cfg.substitute, in_domain=cfg.in_domain_substitute)[0] if load_weights else None
+    arch, width, ncls = cfg.substitute_arch, cfg.substitute_width, cfg.substitute_num_classes
     if arch == "vgg19_bn":
         return vgg19_bn_substitute(ncls, width=width, weights=weights)
     if arch == "r3d_18":
@@ -69,7 +87,8 @@ def build_substitute(cfg: TrainConfig, *, load_weights: bool = True) -> nn.Modul
 
 def build_model_from_config(cfg: TrainConfig, *, load_substitute: bool = True) -> nn.Module:
     """The model of a run: the plain architecture, with an OUDefend block (``oudefend``), or
-    ABNN(target, frozen substitute)."""
+    ABNN(target, frozen substitute).  ``cfg`` as resolved by :func:`resolve_config` (a recorded
+    config is)."""
     ncls = DATASETS[cfg.dataset]["num_classes"]
     target = build_model(cfg.arch, num_classes=ncls, width=cfg.width)
     if cfg.method == "oudefend":
@@ -105,3 +124,130 @@ def read_json(path: str | os.PathLike) -> dict:
     except (OSError, json.JSONDecodeError) as exc:
         raise AbnnError(f"cannot read {path}: {exc}") from None
 
+
+# -- one run identity --------------------------------------------------------------------------
+
+def recorded_differences(run: str | os.PathLike, cfg: TrainConfig) -> list[SettingDifference]:
+    """The run-defining settings in which ``cfg`` (resolved as a run records it) differs from
+    the run's recorded ``config.json``."""
+    return config_differences(TrainConfig.load(Path(run) / "config.json"), resolve_config(cfg))
+
+
+def check_same_run(run: str | os.PathLike, cfg: TrainConfig, *, fix: str) -> None:
+    """Raise one :class:`SettingsMismatchError` line naming each differing flag, its recorded
+    and its new value, and ``fix``; return quietly when the run was made with ``cfg``."""
+    diffs = recorded_differences(run, cfg)
+    if diffs:
+        raise SettingsMismatchError(f"{run} was recorded with other settings: {'; '.join(map(str, diffs))}; {fix}",
+                                    diffs)
+
+
+# -- the lock of a run folder ------------------------------------------------------------------
+
+LOCK_NAME = "abnn.lock"
+_HELD: dict[tuple[int, Path], int] = {}   # (pid, folder) this process holds -> nesting depth (a forked child holds none)
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold ``folder``'s lock (``abnn.lock``: PID, host, process start time, command) for the
+    duration of the ``with`` block; create the folder and prove it writable first.
+
+    A second writer gets one :class:`RunLockedError` line naming the holder's PID.  A lock whose
+    process is gone (no such PID on this host, or a PID reused by a newer process) is stale and
+    taken over.  Released on exit, exceptions and ``KeyboardInterrupt`` included; a SIGKILL
+    leaves a stale lock that the next writer takes over.  Re-entrant within one process.  A
+    lock from another host cannot be checked and counts as held."""
+    created = not Path(folder).exists()
+    folder = ensure_writable(folder).resolve()
+    key = (os.getpid(), folder)
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield folder
+        finally:
+            _HELD[key] -= 1
+        return
+    lock = folder / LOCK_NAME
+    mine = _lock_record()
+    _acquire(lock, mine)
+    _HELD[key] = 1
+    try:
+        yield folder
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(OSError):
+            if _read_lock(lock) == mine:
+                lock.unlink()
+            if created:
+                folder.rmdir()   # only if nothing was written into the folder this call created
+
+
+def _acquire(lock: Path, mine: dict) -> None:
+    tmp = lock.with_name(f".{LOCK_NAME}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(mine))
+    try:
+        for _ in range(3):  # a stale lock is removed, then the link is tried again
+            try:
+                os.link(tmp, lock)    # atomic: creates the lock with its content, or fails if it exists
+                return
+            except FileExistsError:
+                pass
+            except OSError:           # no hard links on this file system: create it exclusively
+                with contextlib.suppress(FileExistsError):
+                    with open(lock, "x") as f:
+                        f.write(json.dumps(mine))
+                    return
+            holder = _read_lock(lock)
+            if holder is not None and _alive(holder):
+                raise RunLockedError(
+                    f"{lock.parent} is in use by process {holder.get('pid')} on {holder.get('host')} "
+                    f"(`{holder.get('command', '?')}`, since {holder.get('since', '?')}); wait for it to end, "
+                    f"or delete {lock} if that process is gone")
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()   # stale: its process is gone
+        raise RunLockedError(f"could not take the lock {lock} (other processes keep taking it); try again")
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _lock_record() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid()),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200],
+            "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _read_lock(lock: Path) -> dict | None:
+    """The lock's record; ``None`` if absent; an unreadable lock counts as held by an unknown process."""
+    try:
+        rec = json.loads(lock.read_text())
+        return rec if isinstance(rec, dict) else {"pid": "?", "host": "?"}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"pid": "?", "host": "?"}
+
+
+def _alive(holder: dict) -> bool:
+    """Whether the lock's process still runs (always assumed for another host or a bad record)."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        pass
+    start = holder.get("start")
+    return start is None or _start_time(pid) in (None, start)
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused PID apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None

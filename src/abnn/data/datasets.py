@@ -60,6 +60,22 @@ def resolve_data_root(data_root: str | os.PathLike | None = None) -> Path | None
     return Path(root).expanduser() if root else None
 
 
+def read_npz(path: str | os.PathLike, *keys: str) -> tuple[np.ndarray, ...]:
+    """The arrays ``keys`` of an ``.npz`` file, read at once; a truncated or corrupt file, or one
+    without these arrays, is one :class:`AbnnError` line naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in keys if k not in z.files]
+            if missing:
+                raise AbnnError(f"{path} lacks the arrays {missing} (has {z.files}); is it the right file?")
+            return tuple(z[k] for k in keys)
+    except AbnnError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zipfile, zlib, numpy and OS errors alike
+        msg = (str(exc).splitlines() or [""])[0] or type(exc).__name__
+        raise AbnnError(f"cannot read {path}: {msg} (truncated or corrupt file? copy it again)") from None
+
+
 def _nhwc_to_tensor(a: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
 
@@ -103,13 +119,14 @@ def load_cifar10(split: str = "train", data_root: str | os.PathLike | None = Non
     if include_jpeg and split == "train":
         files.append("cifar10_train_rest_jpeg.npz")
     if root is not None and all((root / f).is_file() for f in files):
-        with np.load(root / "cifar10.npz") as c:
-            names = tuple(str(s) for s in c["class_names"])
-            if split == "test":
-                return ImageData(_nhwc_to_tensor(c["x_test"]), torch.from_numpy(c["y_test"]), 10, "cifar10-test", names)
-            xs, ys = [c["x_train"]], [c["y_train"]]
-        with np.load(root / "cifar10_train_extra.npz") as e:
-            xs.append(e["x"]); ys.append(e["y"])
+        part = ("x_test", "y_test") if split == "test" else ("x_train", "y_train")
+        class_names, x, y = read_npz(root / "cifar10.npz", "class_names", *part)
+        names = tuple(str(s) for s in class_names)
+        if split == "test":
+            return ImageData(_nhwc_to_tensor(x), torch.from_numpy(y), 10, "cifar10-test", names)
+        xs, ys = [x], [y]
+        x_extra, y_extra = read_npz(root / "cifar10_train_extra.npz", "x", "y")
+        xs.append(x_extra); ys.append(y_extra)
         if include_jpeg:
             xs_j, ys_j = _decode_jpeg_npz(root / "cifar10_train_rest_jpeg.npz")
             xs.append(xs_j); ys.append(ys_j)
@@ -130,8 +147,8 @@ def _decode_jpeg_npz(path: Path, n: int | None = None) -> tuple[np.ndarray, np.n
     """The first ``n`` (default all) images of ``cifar10_train_rest_jpeg.npz``, decoded."""
     from PIL import Image
 
-    with np.load(path) as j:
-        b, o, y = j["jpeg_bytes"], j["jpeg_offsets"], j["y"][:n]
+    b, o, y = read_npz(path, "jpeg_bytes", "jpeg_offsets", "y")
+    y = y[:n]
     x = np.stack([np.asarray(Image.open(io.BytesIO(b[o[i]:o[i + 1]].tobytes())).convert("RGB")) for i in range(len(y))])
     return x, y
 
@@ -165,9 +182,9 @@ def load_tinyimagenet32(split: str = "train", data_root: str | os.PathLike | Non
         raise AbnnError(f"tinyimagenet32 split must be 'train' or 'val', got {split!r}")
     fname = f"tinyimagenet32_{split}.npz"
     root = _need(resolve_data_root(data_root), [fname], "tinyimagenet32")
-    with np.load(root / fname) as t:
-        return ImageData(_nhwc_to_tensor(t["x"]), torch.from_numpy(t["y"]), 200, f"tinyimagenet32-{split}",
-                         tuple(str(s) for s in t["class_names"]))
+    x, y, class_names = read_npz(root / fname, "x", "y", "class_names")
+    return ImageData(_nhwc_to_tensor(x), torch.from_numpy(y), 200, f"tinyimagenet32-{split}",
+                     tuple(str(s) for s in class_names))
 
 
 def load_clips13(split: str = "train", data_root: str | os.PathLike | None = None, *, frames: int = 8) -> ImageData:

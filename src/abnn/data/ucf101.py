@@ -33,7 +33,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..errors import AbnnError, DataNotFoundError
-from .datasets import resolve_data_root
+from ..files import atomic_write
+from .datasets import read_npz, resolve_data_root
 
 __all__ = [
     "UCF101_ENV_VAR", "SHARED_VIDEO_LABELS", "VideoDecodeError", "resolve_ucf101_root", "ucf101_classes",
@@ -397,18 +398,11 @@ def collate_clips(batch: Sequence[tuple[Tensor, int] | None]) -> tuple[Tensor, T
 
 
 def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(arr)}.tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, arr)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.save(f, arr))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 # -- the shared real clips ---------------------------------------------------------------------
@@ -424,9 +418,8 @@ def load_shared_clips(data_root: str | os.PathLike | None = None) -> tuple[Tenso
             f"video_clips_112.npz not found in {root if root is not None else 'no data root'}: pass "
             "--data-root DIR or set ABNN_DATA_ROOT=DIR to the shared data folder"
         )
-    with np.load(path) as z:
-        clips = z["clips"]
-        labels = [str(s) for s in z["label"]]
+    clips, label = read_npz(path, "clips", "label")
+    labels = [str(s) for s in label]
     return torch.from_numpy(np.ascontiguousarray(clips.transpose(0, 4, 1, 2, 3))), labels
 
 

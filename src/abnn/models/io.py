@@ -1,5 +1,6 @@
-"""Safe saving and loading of weights: atomic writes (a temporary file, then a rename, so a kill
-never leaves a half-written file), ``torch.load(weights_only=True)`` and errors that name the file."""
+"""Safe saving and loading of weights: atomic writes (:func:`abnn.files.atomic_write`: a kill or
+a full disk never leaves a half-written file), ``torch.load(weights_only=True)`` and errors that
+name the file."""
 
 from __future__ import annotations
 
@@ -11,15 +12,13 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..files import atomic_write
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then an atomic rename onto it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` through :func:`abnn.files.atomic_write`: the previous file stays valid
+    until the new one is complete; a failed write raises one :class:`~abnn.errors.WriteError` line."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def safe_torch_load(path: str | os.PathLike, *, weights_only: bool = True) -> Any:

@@ -19,9 +19,9 @@ from typing import Sequence
 
 from ..config import TrainConfig, write_json_atomic
 from ..data import load_dataset
-from ..runs import load_run, read_json
+from ..runs import load_run, read_json, recorded_differences
 from .schedule import Stage
-from .table1 import _finished_train, _job_train, _log, _weight, config_differences
+from .table1 import _finished_train, _job_train, _log, _weight
 
 #: file, in a run folder, of the study evaluation (PGD-5 + strong white-box worst case)
 EVAL_FILE = "eval_strong.json"
@@ -60,7 +60,7 @@ def place(name: str, cfg: TrainConfig, home: Path, shared: Sequence[Path] = (), 
     ``shared`` folders (under ``folder``, default ``name``), else ``home / name``."""
     for d in shared:
         run = Path(d) / (folder or name)
-        if (run / "model.pt").is_file() and (run / "config.json").is_file() and not config_differences(run, cfg):
+        if (run / "model.pt").is_file() and (run / "config.json").is_file() and not recorded_differences(run, cfg):
             return run
     return home / name
 

@@ -16,38 +16,23 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig, write_json_atomic
 from ..data import load_dataset
-from ..errors import AbnnError
 from ..evaluation import build_attack, evaluate
-from ..runs import load_run, read_json
+from ..files import ensure_writable
+from ..runs import check_same_run, load_run, read_json
 from ..training import train
 from ..training.checkpoint import save_atomic
 from ..training.loop import software_versions
 from .presets import METHOD_NAMES, PAPER_TABLE1, Table1Preset
 from .schedule import Stage, plan_workers, run_stages
 
-#: settings that define a run; a finished run is reused only if all of them match
-_DEFINING = ("method", "dataset", "arch", "width", "epochs", "batch_size", "lr", "momentum", "weight_decay", "seed",
-             "train_size", "augment", "include_jpeg", "full_cifar10", "substitute_stats", "encoder", "bn_affine",
-             "at_steps", "at_eps", "at_alpha", "substitute", "substitute_arch", "substitute_taps",
-             "in_domain_substitute", "fast_at_alpha", "robust_val_size", "keep_best")
-
 
 def _log(msg: str) -> None:
     tqdm.write(f"[reproduce] {msg}")
 
 
-def config_differences(run: Path, cfg: TrainConfig) -> list[str]:
-    """The run-defining settings in which ``run``'s recorded config differs from ``cfg``."""
-    saved = TrainConfig.load(run / "config.json")
-    return [f"{k}: run has {getattr(saved, k)!r}, preset wants {getattr(cfg, k)!r}"
-            for k in _DEFINING if getattr(saved, k) != getattr(cfg, k)]
-
-
 def _check_same(run: Path, cfg: TrainConfig) -> None:
-    diff = config_differences(run, cfg)
-    if diff:
-        raise AbnnError(f"{run} was made with other settings ({'; '.join(diff[:3])}); "
-                        "rerun with --force to redo it, or choose another --out")
+    """A stage is reused or resumed only if it was recorded with the preset's defining settings."""
+    check_same_run(run, cfg, fix="the preset wants the new values: rerun with --force to redo it, or choose another --out")
 
 
 def _finished_train(run: Path, cfg: TrainConfig) -> dict | None:
@@ -163,7 +148,7 @@ def run_table1(preset: Table1Preset, out: str | Path, *, data_root: str | None =
     from ..report import write_table1_report
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_writable(out)
     t_start = time.perf_counter()
     write_json_atomic(out / "preset.json", preset.to_dict())
 

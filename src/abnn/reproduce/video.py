@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from ..config import write_json_atomic
+from ..files import ensure_writable
 from .presets import PAPER_VIDEO, VideoPreset
 from .table1 import _examples, _log, _record, _stage_eval, _stage_train
 
@@ -21,7 +22,7 @@ def run_video_tables(preset: VideoPreset, out: str | Path, *, data_root: str | N
     from ..report import write_video_report
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_writable(out)
     t_start = time.perf_counter()
     write_json_atomic(out / "preset.json", preset.to_dict())
     records = []

@@ -30,18 +30,20 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import __version__
 from ..attacks import PGD
-from ..config import TrainConfig, write_json_atomic
+from ..config import TrainConfig
 from ..data import BatchLoader, load_dataset
 from ..data.datasets import ImageData, load_cifar10_heldout
-from ..errors import AbnnError, CheckpointError
+from ..errors import AbnnError, CheckpointError, DivergedError
+from ..files import append_jsonl, atomic_write, dumps_strict, write_json_atomic
 from ..models.io import check_state_dict
-from ..runs import build_model_from_config
+from ..runs import build_model_from_config, check_same_run, resolve_config, run_lock
 from .checkpoint import load_checkpoint, save_atomic
 from .cost import PassCounter, attach_networks
 from .distributed import (DistContext, all_gather_object, all_reduce_sum, barrier, convert_sync_batchnorm,
@@ -261,14 +263,57 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
     Under ``torchrun`` (``WORLD_SIZE`` > 1, or a process group already initialised) every rank
     calls this; the global batch stays ``cfg.batch_size`` and rank 0 writes the files (see
     :mod:`abnn.training.distributed`).
+
+    Run folders you can trust: the writing process holds the folder's lock
+    (:func:`abnn.runs.run_lock`); a resume continues only a run recorded with the same defining
+    settings (:func:`abnn.config.config_differences`) and never rewrites ``config.json``; a
+    non-finite loss stops the run (:class:`~abnn.errors.DivergedError`) before any checkpoint
+    or ``model.pt`` holds diverged weights.
     """
     cfg.validate()
+    if max_steps is not None and max_steps < 1:
+        raise AbnnError(f"--max-steps must be >= 1, got {max_steps}")
     ctx, device = init_distributed(resolve_device(cfg.device))
     try:
-        return _train(cfg, Path(run_dir), ctx, device, resume=resume, progress=progress if ctx.is_main else False,
-                      max_steps=max_steps)
+        with run_lock(run_dir) if ctx.is_main else contextlib.nullcontext():
+            return _train(resolve_config(cfg), Path(run_dir), ctx, device, resume=resume,
+                          progress=progress if ctx.is_main else False, max_steps=max_steps)
     finally:
         shutdown(ctx)
+
+
+def _check_run_folder(run: Path, cfg: TrainConfig, resume: bool) -> None:
+    """Before any computation: a new run never overwrites a run, a resume continues the same run."""
+    ckpt = run / "checkpoint.pt"
+    if not resume:
+        if ckpt.is_file() or (run / "model.pt").is_file():
+            raise AbnnError(f"run folder {run} already holds a run; pass --resume to continue it or choose a new --out")
+        return
+    if not ckpt.is_file():
+        raise AbnnError(f"--resume: {run} holds no checkpoint.pt, so there is nothing to continue; "
+                        "start the run without --resume")
+    if not (run / "config.json").is_file():
+        raise AbnnError(f"--resume: {run} holds checkpoint.pt but no config.json, so its settings cannot be checked; "
+                        "train into a new --out")
+    check_same_run(run, cfg, fix="--resume continues a run only with its recorded settings: pass those, "
+                                 "or train into a new --out")
+
+
+def _first_bad_step(bad: Tensor, ctx: DistContext) -> int | None:
+    """The first step whose loss was not finite (on any rank), or ``None``: one device sync, and
+    under DDP one small collective, so every rank stops at the same check."""
+    if ctx.enabled:
+        bad = torch.where(bad < 0, torch.iinfo(torch.long).max, bad)
+        dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+        bad = torch.where(bad == torch.iinfo(torch.long).max, -1, bad)
+    first = int(bad.item())
+    return first if first >= 0 else None
+
+
+def _finite_weights(model: nn.Module) -> bool:
+    """Whether every parameter and buffer is finite (one sync; checked before each checkpoint)."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -282,14 +327,7 @@ _CKPT_KEYS = ("model", "optimizer", "scheduler", "epoch")
 def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, *, resume: bool,
            progress: bool | str, max_steps: int | None) -> dict:
     ckpt_path = run / "checkpoint.pt"
-    if run.exists() and (run / "config.json").is_file() and not resume:
-        if (run / "model.pt").is_file() or ckpt_path.is_file():
-            raise AbnnError(f"run folder {run} already holds a run; pass --resume to continue it or choose a new --out")
-    if resume and (run / "config.json").is_file():
-        saved = TrainConfig.load(run / "config.json")
-        for key in ("method", "dataset", "arch", "width", "epochs", "batch_size", "seed", "train_size"):
-            if getattr(saved, key) != getattr(cfg, key):
-                raise AbnnError(f"--resume: {key}={getattr(cfg, key)!r} differs from the run's {getattr(saved, key)!r}")
+    _check_run_folder(run, cfg, resume)
     if cfg.batch_size % ctx.world_size:
         raise AbnnError(f"batch size {cfg.batch_size} (the global batch) is not divisible by the {ctx.world_size} "
                         "processes; choose a multiple of the process count")
@@ -313,8 +351,7 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
     if cfg.channels_last:  # channels_last_3d for video models (5-D convolution weights)
         video = any(p.dim() == 5 for p in model.parameters())
         model = model.to(memory_format=torch.channels_last_3d if video else torch.channels_last)
-    if ctx.is_main:
-        run.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main and not resume:  # a resume keeps the recorded config (its defining settings are these)
         cfg.save(run / "config.json")
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -376,10 +413,29 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
     if ck is not None and step_fn.scaler.is_enabled() and ck.get("scaler"):
         step_fn.scaler.load_state_dict(ck["scaler"])
     step = int(ck.get("step", start_epoch * steps_per_epoch)) if ck is not None else 0
+    good_ckpt_step = step if ck is not None else None
     del ck
+    # first step whose loss was not finite (-1: none), kept on the device: no sync per step
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+
+    def check_finite(*, weights: bool = False) -> None:
+        """Stop on a non-finite loss (and, before a checkpoint, non-finite weights): called only
+        where the loop syncs anyway (every 20 steps with the progress bar, checkpoints, epoch ends)."""
+        if weights and not _finite_weights(model):
+            bad_step.masked_fill_(bad_step < 0, step)
+        first = _first_bad_step(bad_step, ctx)
+        if first is None:
+            return
+        kept = (f"the last good checkpoint ({ckpt_path}, step {good_ckpt_step}) is kept" if good_ckpt_step is not None
+                else "no checkpoint had been written")
+        raise DivergedError(f"training diverged: the loss or the weights became non-finite at step {first} (epoch "
+                            f"{(first - 1) // steps_per_epoch + 1}); stopped before saving them: {kept}, no model.pt. "
+                            "Start a new run with a lower --lr (or --amp off)")
 
     def save_checkpoint(epoch: int, done: bool, batches: int, part: tuple | None) -> None:
         """Everything an exact resume needs; every rank calls it (collectives), rank 0 writes."""
+        nonlocal good_ckpt_step
+        check_finite(weights=True)
         rngs = all_gather_object(_rng_state(device), ctx)
         state = {
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -397,6 +453,7 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
                                       "seen": seen, "seconds": seconds}
         if ctx.is_main:
             save_atomic(state, ckpt_path)
+        good_ckpt_step = step
 
     for epoch in range(start_epoch, cfg.epochs):
         loader.set_epoch(epoch)
@@ -420,13 +477,16 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
         t0, c0, paused, stop = time.perf_counter(), time.process_time(), 0.0, False
         for x, y in bar:
             loss, logits = step_fn(x, y)
+            bad_step.masked_fill_((bad_step < 0) & ~torch.isfinite(loss), step + 1)
             loss_sum += loss * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
             step += 1
             done_in_epoch += 1
-            if progress is True and (done_in_epoch - 1) % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.4f}")
+            if (done_in_epoch - 1) % 20 == 0:
+                check_finite()
+                if progress is True:
+                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.4f}")
             stop = max_steps is not None and step >= max_steps
             if done_in_epoch < steps_per_epoch and (stop or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
                 tp = time.perf_counter()
@@ -435,6 +495,7 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
                 paused += time.perf_counter() - tp
             if stop:
                 break
+        check_finite()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_seconds += time.perf_counter() - t0 - paused
@@ -455,8 +516,7 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
                 record["val_pgd_acc"] = robust_accuracy(model, rob_data, 256, device, eps=cfg.at_eps, seed=cfg.seed)
             if not complete:
                 record["partial"] = True
-            with open(run / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(run / "metrics.jsonl", record)
             if cfg.keep_best and complete and _is_best_epoch(run, epoch + 1):
                 save_atomic(model.state_dict(), run / "best.pt")
             if progress:
@@ -514,9 +574,8 @@ CATASTROPHIC_DROP = 0.2
 
 
 def _robust_history(run: Path) -> list[tuple[int, float]]:
-    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
-    recs = [json.loads(ln) for ln in lines if ln.strip()]
-    return [(r["epoch"], r["val_pgd_acc"]) for r in recs if r.get("val_pgd_acc") is not None and not r.get("partial")]
+    return [(r["epoch"], r["val_pgd_acc"]) for r in _metric_lines(run / "metrics.jsonl")
+            if r.get("val_pgd_acc") is not None and not r.get("partial")]
 
 
 def _is_best_epoch(run: Path, epoch: int) -> bool:
@@ -551,12 +610,20 @@ def _skip_batches(loader: BatchLoader, batches, n: int) -> None:
         next(batches)
 
 
+def _metric_lines(path: Path) -> list[dict]:
+    """The records of ``metrics.jsonl``; a torn line (a kill or a full disk mid-append) is skipped."""
+    records = []
+    for ln in path.read_text().splitlines() if path.is_file() else []:
+        with contextlib.suppress(ValueError):
+            rec = json.loads(ln)
+            if isinstance(rec, dict) and "epoch" in rec:
+                records.append(rec)
+    return records
+
+
 def _last_metrics(run: Path) -> dict:
-    try:
-        lines = (run / "metrics.jsonl").read_text().strip().splitlines()
-        return json.loads(lines[-1]) if lines else {}
-    except OSError:
-        return {}
+    records = _metric_lines(run / "metrics.jsonl")
+    return records[-1] if records else {}
 
 
 def _truncate_metrics(run: Path, epochs_done: int) -> None:
@@ -564,5 +631,5 @@ def _truncate_metrics(run: Path, epochs_done: int) -> None:
     two writes, or the partial line of a ``max_steps`` stop)."""
     path = run / "metrics.jsonl"
     if path.is_file():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= epochs_done]
-        path.write_text("".join(ln + "\n" for ln in keep))
+        keep = "".join(dumps_strict(r) + "\n" for r in _metric_lines(path) if r["epoch"] <= epochs_done)
+        atomic_write(path, lambda f: f.write(keep.encode()))
