@@ -26,6 +26,8 @@ TINY = dict(width=0.0625, epochs=2, batch_size=16, val_size=8, augment=False, de
 # single process and 2 ranks with SyncBN agree to ~1e-7, while 2 ranks without SyncBN differ by
 # ~1e-2 in the weights and ~3e-3 in the loss: the comparison below tells them apart.
 STANDARD = dict(TINY, batch_size=32, lr=0.005)
+# ABNN at lr 0.1 is as chaotic (its 2-rank loss was off by 4e-4 on one machine, 0 on another):
+# the ABNN test below trains at lr 0.005 too.
 
 
 def _substitute_file(path: Path) -> Path:
@@ -50,7 +52,9 @@ def _assert_same_training(single: Path, multi: Path, cfg: dict) -> None:
     b = torch.load(multi / "model.pt", weights_only=True)
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.allclose(a[k].double(), b[k].double(), rtol=1e-4, atol=1e-4), k
+        # float32 reductions in another order (SyncBN's all-reduce) leave ~2e-4 in BN running
+        # statistics on some CPUs; without SyncBN the weights differ by ~1
+        assert torch.allclose(a[k].double(), b[k].double(), rtol=1e-3, atol=1e-3), k
     res = json.loads((multi / "train_results.json").read_text())
     assert res["world_size"] == 2 and res["per_rank_batch_size"] == cfg["batch_size"] // 2 and res["sync_bn"]
     assert not list(multi.glob("*.tmp"))
@@ -73,10 +77,12 @@ def test_two_processes_match_one_abnn_via_cli(tmp_path, capsys):
     multi = tmp_path / "multi"
     code = main(["train", "--nproc", "2", "--method", "abnn", "--substitute", str(sub), "--substitute-width", "0.0625",
                  "--out", str(multi), "--width", "0.0625", "--epochs", "2", "--batch-size", "16", "--val-size", "8",
+                 "--lr", "0.005",
                  "--no-augment", "--data-root", str(root), "--no-progress", "--device", "cpu", "--threads", "1"])
     assert code == 0
     single = tmp_path / "single"
-    _single(dict(TINY, method="abnn", substitute=str(sub), substitute_width=1 / 16, data_root=str(root)), single)
+    _single(dict(TINY, method="abnn", substitute=str(sub), substitute_width=1 / 16, lr=0.005, data_root=str(root)),
+            single)
     _assert_same_training(single, multi, TINY)
     res = json.loads((multi / "train_results.json").read_text())
     assert res["cost_N_per_step"] == 3.0 and res["cost"]["per_network"]["substitute"]["backward"] == 0
