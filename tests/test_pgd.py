@@ -175,3 +175,28 @@ def test_attacks_run_channels_last_on_cpu_and_return_the_input_layout(trained_ti
     assert PGD(model, channels_last=None).memory_format(clips) is None
     assert PGD(model, channels_last=True).memory_format(clips) is torch.channels_last_3d
     assert "channels_last" not in repr(PGD(model)) and "channels_last=False" in repr(PGD(model, channels_last=False))
+
+
+class Band(nn.Module):
+    """Two classes; class 1 wins only while the mean pixel is within ``width`` of ``center``: the
+    sign steps of a gradient attack overshoot the band, so a later iterate is worse than an earlier."""
+
+    def __init__(self, center: float, width: float) -> None:
+        super().__init__()
+        self.center, self.width = center, width
+
+    def forward(self, x):
+        f = 1 - (x.mean(dim=tuple(range(1, x.dim()))) - self.center).abs() / self.width
+        return torch.stack((torch.zeros_like(f), f), dim=1)
+
+
+def test_pgd_returns_the_first_fooling_iterate():
+    a = 2 / 255
+    model = Band(0.5 + 0.8 * a, 0.5 * a)  # iterates: 0.5 (robust), 0.5 + a (fooled), 0.5 (robust)
+    x, y = torch.full((3, 3, 4, 4), 0.5), torch.zeros(3, dtype=torch.long)
+    first = PGD(model, eps=2 * a, alpha=a, steps=2, random_start=False)(x, y)
+    last = PGD(model, eps=2 * a, alpha=a, steps=2, random_start=False, first_fooling=False)(x, y)
+    assert _acc(model, x, y) == 1.0 and _acc(model, last, y) == 1.0
+    assert _acc(model, first, y) == 0.0 and torch.allclose(first, x + a)
+    with_restarts = PGD(model, eps=2 * a, alpha=a, steps=2, restarts=2, seed=0)(x, y)
+    assert _acc(model, with_restarts, y) <= _acc(model, x, y)

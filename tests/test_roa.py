@@ -294,3 +294,18 @@ def test_video_search_finds_known_region_per_frame():
     y = torch.zeros(1, dtype=torch.long)
     picked = ROA(ClipRegion(), size=5, video_positions="search", steps=0).locate(x, y)
     assert picked[0].tolist() == [list(c) for c in corners]
+
+
+def test_roa_returns_the_first_fooling_iterate():
+    """A model whose class 1 wins only in a band of mean pixel values: the sticker's second sign
+    step leaves the band the first step reached; ROA keeps the first step."""
+    from test_pgd import Band
+
+    a = 70 / 255
+    frac = 25 / 100  # a 5x5 sticker on 10x10 images
+    model = Band(0.5 + 0.8 * a * frac, 0.5 * a * frac)
+    x, y = torch.full((2, 3, 10, 10), 0.5), torch.zeros(2, dtype=torch.long)
+    x_adv = ROA(model, size=5, stride=5, alpha=a, steps=2)(x, y)
+    with torch.no_grad():
+        assert (model(x).argmax(1) == 0).all() and (model(x_adv).argmax(1) == 1).all()
+    assert torch.allclose(x_adv.mean(dim=(1, 2, 3)), torch.full((2,), 0.5 + a * frac))

@@ -14,15 +14,15 @@ def root(fake_data_root):
     return shared_data_root() or fake_data_root  # real data when present (as in CI), else fake npz files
 
 
-def test_frontier_smoke_end_to_end(tmp_path, root, capsys):
+def test_frontier_smoke_end_to_end(tmp_path, root, capfd):
     out, t1 = tmp_path / "frontier", tmp_path / "t1"
     common = ["--preset", "smoke", "--data-root", str(root), "--no-progress"]
     assert main(["reproduce", "table1", "--out", str(t1), *common]) == 0  # stages to reuse
-    capsys.readouterr()
+    capfd.readouterr()  # (fd-level: stage processes print too)
     args = ["reproduce", "frontier", "--out", str(out), "--table1-out", str(t1), *common]
     assert main(args) == 0
-    err = capsys.readouterr().err
-    assert err.count("finished earlier, reused") == 4  # substitute, no defense, ABNN, PGD-AT of Table 1
+    log = "".join(capfd.readouterr())
+    assert log.count("finished earlier, reused") == 4  # substitute, no defense, ABNN, PGD-AT of Table 1
     for f in ("report.md", "results.json", "frontier.png", "fast_at_epochs.png"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     res = json.loads((out / "results.json").read_text())
@@ -39,8 +39,8 @@ def test_frontier_smoke_end_to_end(tmp_path, root, capsys):
     assert "Cost-matched PGD-AT" in report and "Fast-AT" in report and "frontier.png" in report
 
     assert main(args) == 0  # a rerun trains and attacks nothing
-    err = capsys.readouterr().err
-    assert "training (" not in err and "evaluating" not in err
+    log = "".join(capfd.readouterr())
+    assert "reused" in log and "training (" not in log and "evaluating" not in log
 
 
 def test_substitute_study_smoke_end_to_end(tmp_path, root):

@@ -20,7 +20,8 @@ from abnn import ABNN
 from abnn.attacks import PGD
 from abnn.attacks.adaptive import StatisticsAttack, Transfer
 from abnn.evaluation.crosscheck import crosscheck_torchattacks
-from abnn.evaluation.suite import per_sample_statistics, run_suite, run_suite_on_run
+from abnn.evaluation import run_suite, run_suite_on_run
+from abnn.evaluation.checks import per_sample_statistics
 from abnn.framework import replace_adaptive_with_bn
 from abnn.models import resnet18_cifar, vgg19_bn_substitute
 
@@ -166,7 +167,7 @@ def test_transfer_contract(models) -> None:
     # a callable factory and the other attack names work
     xf = Transfer(honest, source=other, attack=lambda m: PGD(m, eps=eps, steps=2, seed=0))(x, y)
     assert (xf - x).abs().max().item() <= eps + 1e-6
-    with pytest.raises(ValueError, match="unknown transfer attack"):
+    with pytest.raises(ValueError, match="unknown attack 'fgsm'"):
         Transfer(honest, source=other, attack="fgsm")
 
 
@@ -183,15 +184,16 @@ def test_transfer_from_abnn_target_with_plain_bn(models) -> None:
 
 def test_honest_model_curves_and_pass(honest_suite) -> None:
     res, out = honest_suite
-    ec, sc = res["eps_curve"]["robust_acc"], res["steps_curve"]["robust_acc"]
+    ec, sc = res.eps_curve.robust_acc, res.steps_curve.robust_acc
     assert all(b <= a for a, b in zip(ec, ec[1:])), ec
     assert all(b <= a for a, b in zip(sc, sc[1:])), sc
-    assert ec[0] == res["clean_acc"] and ec[-1] == 0.0
-    assert res["eps_curve"]["eps_255"][-1] == 64
-    assert res["verdict"] == "PASS", res["flags"]
-    assert res["worst_case"]["robust_acc"] <= min(r["robust_acc"] for r in res["attacks"].values())
-    assert res["worst_case"]["recheck_acc"] == pytest.approx(res["worst_case"]["robust_acc"])
-    assert {"pgd-5", "pgd-5x1", "apgd-ce", "apgd-dlr", "apgd-t", "square", "autoattack", "transfer-other"} <= set(res["attacks"])
+    assert ec[0] == res.evaluation.clean_acc and ec[-1] == 0.0
+    assert res.eps_curve.xs[-1] == 64
+    assert res.verdict == "PASS", res.flags
+    at_eps = [r for r in res.attacks.values() if r.eps == 16 / 255]
+    assert res.worst.robust_acc <= min(r.robust_acc for r in at_eps)
+    assert res.recheck_acc == pytest.approx(res.worst.robust_acc)
+    assert {"pgd-5", "pgd-5x1", "apgd-ce", "apgd-dlr", "apgd-t", "square", "autoattack", "transfer-other"} <= set(res.attacks)
     for f in ("suite.json", "suite.md", "eps_curve.png", "steps_curve.png"):
         assert (out / f).is_file(), f
     assert json.loads((out / "suite.json").read_text())["verdict"] == "PASS"
@@ -203,9 +205,9 @@ def test_interrupted_suite_resumes_to_the_same_results(models, honest_suite, tmp
     from abnn.attacks import Square
 
     reference, _ = honest_suite
-    progress = tmp_path / "suite-progress.pt"
+    progress = tmp_path / "attack-progress.pt"
     kwargs = dict(eps=16 / 255, budget=TINY, quick=True, batch_size=16, seed=0, progress=False,
-                  source_models={"other": models["other"]}, progress_file=progress)
+                  source_models={"other": models["other"]}, progress_dir=tmp_path)
 
     def killed(self, x, y):
         raise KeyboardInterrupt  # the process dies in the middle of the suite
@@ -217,45 +219,45 @@ def test_interrupted_suite_resumes_to_the_same_results(models, honest_suite, tmp
     assert progress.is_file() and not (tmp_path / "a" / "suite.json").exists()
 
     res = run_suite(models["honest"], (models["x"], models["y"]), out_dir=tmp_path / "a", **kwargs)
-    assert res["resumed_attacks"] == ["pgd-5", "pgd-5x1", "apgd-ce", "apgd-dlr", "apgd-t"]
+    assert res.evaluation.resumed == ["pgd-5", "pgd-5x1", "apgd-ce", "apgd-dlr", "apgd-t"]
     assert not progress.exists()  # a complete suite needs no progress file
-    for key in ("clean_acc", "robust_acc", "eps_curve", "steps_curve", "verdict"):
-        assert res[key] == reference[key], key
-    assert {k: r["robust_acc"] for k, r in res["attacks"].items()} == \
-        {k: r["robust_acc"] for k, r in reference["attacks"].items()}
-    assert res["worst_case"] == reference["worst_case"]
+    assert res.evaluation.clean_acc == reference.evaluation.clean_acc
+    for key in ("robust_acc", "eps_curve", "steps_curve", "verdict", "masking"):
+        assert getattr(res, key) == getattr(reference, key), key
+    for k, r in reference.attacks.items():
+        assert torch.equal(res.attacks[k].robust_mask, r.robust_mask), k
+    assert torch.equal(res.worst.robust_mask, reference.worst.robust_mask)
 
-    # a progress file of another suite (other seed) is not used
+    # the finished attacks of another suite (other seed: other per-attack seeds) are not used
     with monkeypatch.context() as m:
         m.setattr(Square, "perturb", killed)
         with pytest.raises(KeyboardInterrupt):
             run_suite(models["honest"], (models["x"], models["y"]), **kwargs)
-    with pytest.warns(UserWarning, match="other settings"):
-        other = run_suite(models["honest"], (models["x"], models["y"]), **{**kwargs, "seed": 1})
-    assert other["resumed_attacks"] == []
+    other = run_suite(models["honest"], (models["x"], models["y"]), **{**kwargs, "seed": 1})
+    assert other.evaluation.resumed == []
 
 
 def test_masked_model_is_suspect(models, tmp_path) -> None:
     res = run_suite(models["masked"], (models["x"], models["y"]), eps=16 / 255, budget=TINY, quick=True,
                     batch_size=16, seed=0, out_dir=tmp_path, progress=False,
                     source_models={"honest": models["honest"]})
-    assert res["verdict"] == "SUSPECT"
-    flags = "\n".join(res["flags"])
-    assert all(f.startswith("possible gradient masking") for f in res["flags"])
+    assert res.verdict == "SUSPECT"
+    flags = "\n".join(res.flags)
+    assert all(f.startswith("possible gradient masking") for f in res.flags)
     assert "at eps 64/255" in flags  # the eps sweep does not reach 0%
     assert "exactly zero" in flags  # the gradient is zero
-    assert "gradient-free square" in flags  # Square beats every white-box gradient attack
+    assert "gradient-free square" in flags  # Square breaks samples no white-box gradient attack breaks
     assert "transfer attack transfer-honest" in flags  # so does a transfer from the unmasked model
-    assert res["attacks"]["square"]["robust_acc"] < res["attacks"]["apgd-ce"]["robust_acc"] == res["clean_acc"]
+    assert res.attacks["square"].robust_acc < res.attacks["apgd-ce"].robust_acc == res.evaluation.clean_acc
     assert "Verdict: **SUSPECT**" in (tmp_path / "suite.md").read_text()
 
 
 def test_suite_on_abnn_has_adaptive_attacks(models) -> None:
     res = run_suite(models["abnn"], (models["xa"][:4], models["ya"][:4]), budget={**TINY, "square_queries": 10,
                     "eps_grid_255": (0, 64), "steps_grid": (5,)}, quick=True, batch_size=4, progress=False)
-    assert {"stats-w1", "transfer-abnn-target-bn"} <= set(res["attacks"])
-    assert res["attacks"]["stats-w1"]["kind"] == "white-box"
-    assert res["batch_checks"] is None and res["substitute_stats"] == "sample"
+    assert {"stats-w1", "transfer-abnn-target-bn"} <= set(res.attacks)
+    assert res.attacks["stats-w1"].kind == "white-box"
+    assert res.batch_checks is None and res.substitute_stats == "sample"
 
 
 def test_batch_statistics_checks(models) -> None:
@@ -274,14 +276,14 @@ def test_batch_statistics_checks(models) -> None:
     assert all(layer.substitute_stats == "batch" for layer in abnn.adaptive.values())
     res = run_suite(abnn, (x, y), budget={**TINY, "square_queries": 10, "eps_grid_255": (0, 64),
                                           "steps_grid": (5,)}, quick=True, batch_size=8, progress=False)
-    b = res["batch_checks"]
+    b = res.batch_checks
     assert b is not None and b["batch_size"] == 8
     assert b["clean_acc_bs1"] == pytest.approx(_acc(models["abnn"], x, y))  # sample-mode weights = bs 1
     for key in ("worst_inputs_in_adversarial_batches", "worst_inputs_at_bs1", "bs1_robust_acc",
                 "bs1_crafted_in_adversarial_batches"):
         assert 0 <= b[key] <= 1
-    assert b["worst_over_protocols"] <= min(b["bs1_robust_acc"], res["worst_case"]["robust_acc"])
-    assert res["robust_acc"] == b["worst_over_protocols"]
+    assert b["worst_over_protocols"] <= min(b["bs1_robust_acc"], res.worst.robust_acc)
+    assert res.robust_acc == b["worst_over_protocols"]
     assert [m["k"] for m in b["mixed"]] == [1, 2]
     for m in b["mixed"]:
         assert m["n_clean"] == 8 - m["k"]
@@ -297,7 +299,7 @@ def test_suite_on_clips(tmp_path) -> None:
         y = model(x).argmax(1)  # all correct: the attacks have something to do
     res = run_suite(model, (x, y), eps=1 / 255, budget={**TINY, "square_queries": 10, "steps_grid": (5, 10)},
                     quick=True, batch_size=3, progress=False, out_dir=tmp_path)
-    assert res["input_shape"] == [3, 2, 8, 8] and res["clean_acc"] == 1.0
+    assert res.input_shape == [3, 2, 8, 8] and res.evaluation.clean_acc == 1.0
     assert (tmp_path / "suite.md").is_file()
 
     class Clips:  # a map-style clip dataset (like UCF101Clips): uint8 samples, None = undecodable
@@ -309,7 +311,7 @@ def test_suite_on_clips(tmp_path) -> None:
 
     res = run_suite(model, Clips(), eps=1 / 255, n_eval=4, budget={**TINY, "square_queries": 5, "steps_grid": (5,),
                     "eps_grid_255": (0, 64)}, quick=True, batch_size=4, progress=False)
-    assert res["n_eval"] == 3  # sample 2 skipped
+    assert res.evaluation.n_eval == 3  # sample 2 skipped
 
 
 def test_run_suite_on_run(tmp_path, fake_data_root) -> None:
@@ -323,15 +325,16 @@ def test_run_suite_on_run(tmp_path, fake_data_root) -> None:
     torch.save(resnet18_cifar(width=1 / 16).state_dict(), run / "model.pt")
     res = run_suite_on_run(run, n_eval=4, batch_size=4, budget={**TINY, "square_queries": 10,
                            "eps_grid_255": (0, 64), "steps_grid": (5,)}, quick=True, progress=False)
-    assert res["n_eval"] == 4 and res["run"] == str(run) and res["method"] == "standard"
+    meta = res.evaluation.metadata
+    assert res.evaluation.n_eval == 4 and meta["run"] == str(run) and meta["method"] == "standard"
     assert (run / "suite" / "suite.json").is_file() and (run / "suite" / "suite.md").is_file()
-    assert not (run / "suite" / "suite-progress.pt").exists()
+    assert not (run / "suite" / "attack-progress.pt").exists()
     # a corrupt progress file (say, from a full disk) is reported and replaced, never trusted
-    (run / "suite" / "suite-progress.pt").write_bytes(b"not a checkpoint")
-    with pytest.warns(UserWarning, match="suite-progress.pt.*starts afresh"):
+    (run / "suite" / "attack-progress.pt").write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match="attack-progress.pt.*starts afresh"):
         again = run_suite_on_run(run, n_eval=4, batch_size=4, budget={**TINY, "square_queries": 10,
                                  "eps_grid_255": (0, 64), "steps_grid": (5,)}, quick=True, progress=False)
-    assert again["resumed_attacks"] == [] and again["robust_acc"] == res["robust_acc"]
+    assert again.evaluation.resumed == [] and again.robust_acc == res.robust_acc
 
 
 def test_bad_budget(models) -> None:

@@ -241,7 +241,7 @@ def bench_throughput(*, width: float = 0.25, substitute_width: float = 0.25, bat
       is faster (wall clock; ``cpu_ratio...`` uses process CPU time, robust to other load when
       running one thread).  Skipped with a note when torchattacks is not importable.
     """
-    from .attacks import PGD
+    from .attacks import build_attack
 
     dev = torch.device(device)
     amp_dtype = resolve_amp(amp, dev)
@@ -298,11 +298,10 @@ def bench_throughput(*, width: float = 0.25, substitute_width: float = 0.25, bat
         return torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
 
     def ours(model: nn.Module):
-        atk = PGD(model, eps=eps, alpha=alpha, steps=attack_steps, random_start=True)
+        atk = build_attack("pgd", model, eps=eps, alpha=alpha, steps=attack_steps, random_start=True, amp=amp_dtype)
 
         def run() -> None:
-            with ac():
-                atk(x, y)
+            atk(x, y)
         return run
 
     fns = {k: ours(mdl) for k, mdl in models.items()}

@@ -109,23 +109,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="clean and robust accuracy of a finished run",
-                       description="Evaluate a run folder on the first N test images under white-box attacks.")
-    p.add_argument("run", help="run folder (holds config.json and model.pt)")
-    p.add_argument("--attack", action="append", default=None, help="attack to run (repeatable; default pgd)")
-    p.add_argument("--n-eval", type=int, default=1000, help="test images (default 1000)")
+                       description="Evaluate a run folder on the first N test samples under white-box attacks "
+                                   "(every attack of the registry: --list-attacks), or run a suite. Budgets eps and "
+                                   "alpha count in 1/255 of the pixel range: 8 and 8/255 both mean 8/255.")
+    p.add_argument("run", nargs="?", help="run folder (holds config.json and model.pt)")
+    p.add_argument("--attack", action="append", default=None, metavar="NAME[:key=value,...]",
+                   help="attack to run, repeatable (default pgd); options override the registry's defaults, e.g. "
+                        "pgd:steps=20,alpha=0.5/255 or apgd-t:n_target_classes=3; with --suite, added to the suite")
+    p.add_argument("--list-attacks", action="store_true", help="list every attack with its defaults and exit")
+    p.add_argument("--n-eval", type=int, default=1000, help="test samples (default 1000)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--eps", type=float, default=None, help="PGD eps in /255 units (default 8)")
-    p.add_argument("--steps", type=int, default=None, help="PGD steps (default 5)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="JSON output (default RUN/eval.json; with --suite a folder, default RUN/suite)")
-    p.add_argument("--suite", choices=("full", "quick"), default=None,
-                   help="run the robustness checklist instead of --attack (all attacks, per-sample worst case, "
-                        "eps/steps sanity curves, gradient-masking flags); 'quick' scales the budgets down for CPU")
+    p.add_argument("--eps", default=None, metavar="K[/255]",
+                   help="the evaluated L-inf radius in 1/255 of the pixel range, e.g. 8 or 8/255 (default 8/255 for "
+                        "images, 1/255 for clips); every attack with an eps takes it unless its spec sets one")
+    p.add_argument("--steps", type=int, default=None, help="steps of every --attack that has steps (default: its own)")
+    p.add_argument("--seed", type=int, default=0, help="run seed; every attack derives its own seed from it and its name")
+    p.add_argument("--out", default=None,
+                   help="JSON output (default RUN/eval.json; --suite autoattack: RUN/autoattack.json); with "
+                        "--suite full/quick a folder (default RUN/suite)")
+    p.add_argument("--suite", choices=("full", "quick", "autoattack"), default=None,
+                   help="full/quick: the robustness checklist instead of --attack (all attacks, per-sample worst case, "
+                        "eps/steps sanity curves, gradient-masking flags; 'quick' scales the budgets down for CPU); "
+                        "autoattack: the authors' AutoAttack, standard version (pip install -e '.[autoattack]')")
     p.add_argument("--source", action="append", default=None, metavar="[NAME=]RUN",
-                   help="with --suite: a finished run folder to transfer attacks from (repeatable)")
+                   help="a finished run folder to transfer attacks from (repeatable): the suite transfers from each, "
+                        "--attack transfer:source=NAME from one")
     p.add_argument("--fresh", action="store_true",
-                   help="with --suite: discard the progress of an interrupted suite in the output folder "
-                        "(suite-progress.pt) and start over; by default the suite continues from it")
+                   help="discard the progress of an interrupted evaluation in the output folder (attack-progress.pt) "
+                        "and start over; by default the same command continues from it")
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -270,44 +281,62 @@ def _holding_lock(folder_of: Callable[[argparse.Namespace], Path | None]):
 def _evaluate_output(a: argparse.Namespace) -> Path | None:
     """The folder `evaluate` writes: the suite's folder, or the folder of its JSON file (none
     when the run is missing: evaluate then says so)."""
-    if not Path(a.run).is_dir():
+    if a.list_attacks or a.run is None or not Path(a.run).is_dir():
         return None
-    return Path(a.out or Path(a.run) / "suite") if a.suite else Path(a.out or Path(a.run) / "eval.json").parent
+    if a.suite in ("full", "quick"):
+        return Path(a.out or Path(a.run) / "suite")
+    return Path(a.out or Path(a.run) / "eval.json").parent
 
 
 @_holding_lock(_evaluate_output)
 def cmd_evaluate(a: argparse.Namespace) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
     import torch
 
-    from .evaluation import evaluate_run
+    from .attacks import attack_defaults, describe_attacks, parse_pixel_budget, parse_spec
     from .training import resolve_device
 
+    if a.list_attacks:
+        print(describe_attacks())
+        return 0
+    if a.run is None:
+        raise AbnnError("evaluate needs a RUN folder (or --list-attacks)")
     if a.threads:
         torch.set_num_threads(a.threads)
-    if a.n_eval < 1:
-        raise AbnnError(f"--n-eval must be >= 1, got {a.n_eval}")
-    opts: dict = {}
-    if a.eps is not None:
-        opts["eps"] = a.eps / 255
-    if a.steps is not None:
-        opts["steps"] = a.steps
-    if a.suite:
-        from pathlib import Path
-
+    if a.n_eval < 1 or a.batch_size < 1:
+        raise AbnnError(f"--n-eval and --batch-size must be >= 1, got {a.n_eval} and {a.batch_size}")
+    if a.suite and a.steps is not None:
+        raise AbnnError("--suite runs with its own budgets; leave out --steps (--attack adds attacks to a suite)")
+    eps = parse_pixel_budget(a.eps, what="--eps") if a.eps is not None else None
+    sources = dict(s.split("=", 1) if "=" in s else (Path(s).name, s) for s in (a.source or []))
+    device = str(resolve_device(a.device))
+    if a.suite in ("full", "quick"):
         from .evaluation import run_suite_on_run
 
-        sources = dict(s.split("=", 1) if "=" in s else (Path(s).name, s) for s in (a.source or []))
-        res = run_suite_on_run(a.run, n_eval=a.n_eval, batch_size=a.batch_size, data_root=a.data_root,
-                               device=str(resolve_device(a.device)), seed=a.seed,
-                               eps=None if a.eps is None else a.eps / 255, out_dir=a.out, quick=a.suite == "quick",
-                               source_models=sources, progress=not a.no_progress, resume=not a.fresh)
-        print(json.dumps({k: res[k] for k in ("run", "method", "n_eval", "clean_acc", "robust_acc", "verdict", "flags")}))
+        res = run_suite_on_run(a.run, n_eval=a.n_eval, batch_size=a.batch_size, data_root=a.data_root, device=device,
+                               seed=a.seed, eps=eps, out_dir=a.out, quick=a.suite == "quick", source_models=sources,
+                               extra_attacks=[parse_spec(s) for s in a.attack or []], progress=not a.no_progress,
+                               resume=not a.fresh)
+        meta = res.evaluation.metadata
+        print(json.dumps({"run": meta["run"], "method": meta["method"], "n_eval": res.evaluation.n_eval,
+                          "clean_acc": res.evaluation.clean_acc, "robust_acc": res.robust_acc, "verdict": res.verdict,
+                          "flags": res.flags}))
         return 0
-    attacks = a.attack or ["pgd"]
-    res = evaluate_run(a.run, attacks=attacks, n_eval=a.n_eval, batch_size=a.batch_size, data_root=a.data_root,
-                       device=str(resolve_device(a.device)), seed=a.seed, progress=not a.no_progress, out=a.out,
-                       attack_options={"pgd": opts} if opts else None)
-    print(json.dumps({k: res[k] for k in ("run", "method", "n_eval", "clean_acc", "robust_acc")}))
+    from .evaluation import SUITES, evaluate_run
+
+    specs = [parse_spec(s) for s in ([*SUITES[a.suite], *(a.attack or [])] if a.suite else a.attack or ["pgd"])]
+    if a.steps is not None:
+        specs = [s if "steps" in s.options or "steps" not in attack_defaults(s.name, attack=s.options.get("attack"))
+                 else replace(s, options={**s.options, "steps": a.steps}) for s in specs]
+    out = a.out or Path(a.run) / ("autoattack.json" if a.suite == "autoattack" else "eval.json")
+    res = evaluate_run(a.run, attacks=specs, n_eval=a.n_eval, batch_size=a.batch_size, data_root=a.data_root,
+                       device=device, seed=a.seed, eps=eps, sources=sources, progress=not a.no_progress, out=out,
+                       resume=not a.fresh)
+    print(json.dumps({"run": str(a.run), "method": res.metadata["method"], "n_eval": res.n_eval,
+                      "clean_acc": res.clean_acc, "robust_acc": {k: r.robust_acc for k, r in res.attacks.items()},
+                      "worst_case": res.worst_case().robust_acc, "eps_255": res.eps * 255}))
     return 0
 
 
@@ -429,7 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"abnn: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("abnn: interrupted; a training run continues with the same command and --resume", file=sys.stderr)
+        print("abnn: interrupted; a training run continues with the same command and --resume, an evaluation with "
+              "the same command (finished attacks are kept; --fresh starts over)", file=sys.stderr)
         return 130
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 from .errors import AbnnError
 from .files import write_json_atomic
 
-__all__ = ["TrainConfig", "SettingDifference", "config_differences", "defining_fields", "flag_of",
+__all__ = ["TrainConfig", "SettingDifference", "config_differences", "defining_fields", "flag_of", "run_identity",
            "write_json_atomic", "METHODS", "AMP_MODES"]
 
 METHODS = ("standard", "abnn", "pgd-at", "fast-at", "oudefend")
@@ -185,6 +185,11 @@ def flag_of(name: str) -> str:
 def defining_fields() -> tuple[str, ...]:
     """Names of the settings that define a run: every field not marked :data:`EXECUTION`."""
     return tuple(n for n, f in _FIELDS.items() if not f.metadata.get("execution"))
+
+
+def run_identity(cfg: TrainConfig) -> dict[str, Any]:
+    """The run-defining settings of ``cfg`` (what an evaluation's resume compares, beside the weights)."""
+    return {n: getattr(cfg, n) for n in defining_fields()}
 
 
 @dataclass(frozen=True)

@@ -27,20 +27,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import substitute_moments
-from .apgd import APGD, APGDT
-from .autoattack import AutoAttack
-from .base import Attack
-from .pgd import PGD
-from .square import Square
+from .base import Attack, AttackOptionError, FirstFooled, UnsupportedModelError, check_budget, check_count
 
-__all__ = ["StatisticsAttack", "Transfer", "TransferAttack", "TRANSFER_ATTACKS"]
+__all__ = ["StatisticsAttack", "Transfer", "TransferAttack"]
 
 
 def _check_abnn(model: nn.Module) -> None:
     for attr in ("substitute_features", "adaptive", "target_stages", "substitute_stats"):
         if not hasattr(model, attr):
-            raise TypeError(f"StatisticsAttack needs an ABNN model (with .{attr}); got {type(model).__name__}. "
-                            "For a model without adaptive layers use PGD")
+            raise UnsupportedModelError(f"StatisticsAttack needs an ABNN model (with .{attr}); got "
+                                        f"{type(model).__name__}. For a model without adaptive layers use PGD")
 
 
 class StatisticsAttack(Attack):
@@ -72,7 +68,7 @@ class StatisticsAttack(Attack):
         steps: iterations.
         weight: weight of the statistics term ``D``.
         random_start: start from a uniform point in the eps-ball.
-        seed, channels_last: see :class:`~abnn.attacks.base.Attack`.
+        seed, channels_last, amp: see :class:`~abnn.attacks.base.Attack`.
 
     Example::
 
@@ -81,16 +77,16 @@ class StatisticsAttack(Attack):
 
     def __init__(self, model: nn.Module, *, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 50,
                  weight: float = 1.0, random_start: bool = True, seed: int | None = None,
-                 channels_last: bool | None = None) -> None:
-        super().__init__(model, seed=seed, channels_last=channels_last)
+                 channels_last: bool | None = None, amp: torch.dtype | None = None) -> None:
+        super().__init__(model, seed=seed, channels_last=channels_last, amp=amp)
         _check_abnn(model)
-        if eps < 0 or alpha <= 0 or steps < 0 or weight < 0:
-            raise ValueError(f"need eps >= 0, alpha > 0, steps >= 0, weight >= 0; got {eps}, {alpha}, {steps}, {weight}")
-        self.eps = eps
-        self.alpha = alpha
-        self.steps = steps
-        self.weight = weight
-        self.random_start = random_start
+        self.eps = check_budget("eps", eps)
+        self.alpha = check_budget("alpha", alpha, positive=True)
+        self.steps = check_count("steps", steps, minimum=0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+            raise AttackOptionError(f"weight must be a finite number >= 0, got {weight!r}")
+        self.weight = float(weight)
+        self.random_start = bool(random_start)
 
     # the statistics ---------------------------------------------------------------------------
     def _layers(self) -> list[nn.Module]:
@@ -137,7 +133,6 @@ class StatisticsAttack(Attack):
     # the attack ---------------------------------------------------------------------------------
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         gen = self.generator(x.device)
-        view = (-1,) + (1,) * (x.dim() - 1)
         clean = self.clean_statistics(x) if self.weight > 0 else None
         lower, upper = (x - self.eps).clamp(min=0), (x + self.eps).clamp(max=1)
         if self.random_start:
@@ -145,8 +140,7 @@ class StatisticsAttack(Attack):
             x_adv = torch.clamp(x + noise.mul_(2 * self.eps).sub_(self.eps), 0, 1)
         else:
             x_adv = x.clone()
-        best = x_adv.clone()
-        fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        track = FirstFooled(x_adv, y)
         for _ in range(self.steps):
             xg = x_adv.detach().requires_grad_(True)
             if clean is None:
@@ -156,24 +150,9 @@ class StatisticsAttack(Attack):
                 logits, stats = self._forward_with_stats(xg)
                 loss = F.cross_entropy(logits, y, reduction="sum") + self.weight * self.statistics_distance(stats, clean)
             (grad,) = torch.autograd.grad(loss, xg)
-            now = (logits.detach().argmax(1) != y) & ~fooled
-            best = torch.where(now.view(view), x_adv, best)
-            fooled |= now
+            track.update(x_adv, logits.detach())
             x_adv = torch.maximum(torch.minimum(x_adv + self.alpha * grad.sign(), upper), lower)
-        # not fooled at any earlier iterate: the last iterate (fooled now or not)
-        return torch.where(fooled.view(view), best, x_adv)
-
-
-#: attack name -> class, for :class:`Transfer` (defaults: the class defaults, PGD with 100 steps)
-TRANSFER_ATTACKS: dict[str, Callable[..., Attack]] = {
-    "pgd": lambda m, **kw: PGD(m, **{"steps": 100, "alpha": 2 / 255, **kw}),
-    "apgd": lambda m, **kw: APGD(m, **kw),
-    "apgd-ce": lambda m, **kw: APGD(m, **{"loss": "ce", **kw}),
-    "apgd-dlr": lambda m, **kw: APGD(m, **{"loss": "dlr", **kw}),
-    "apgd-t": lambda m, **kw: APGDT(m, **kw),
-    "square": lambda m, **kw: Square(m, **kw),
-    "autoattack": lambda m, **kw: AutoAttack(m, **kw),
-}
+        return track.result(x_adv)
 
 
 class Transfer(Attack):
@@ -188,9 +167,10 @@ class Transfer(Attack):
     Args:
         model: the model under evaluation (only put in eval mode; never queried while crafting).
         source: the model whose gradients craft the example.
-        attack: a name in :data:`TRANSFER_ATTACKS` (default ``"pgd"``: 100 steps, alpha 2/255,
-            random start), or a callable ``factory(source) -> Attack``.
-        **attack_kwargs: options of the named attack (``eps``, ``steps``, ``alpha``, ``seed``...).
+        attack: the name of a registered attack (default ``"pgd"``, with the registry's defaults:
+            ``abnn evaluate --list-attacks``), or a callable ``factory(source) -> Attack``.
+        **attack_kwargs: options of the named attack (``eps``, ``steps``, ``alpha``, ...), built on
+            ``source`` by :func:`abnn.attacks.build_attack`.
 
     Example::
 
@@ -202,17 +182,17 @@ class Transfer(Attack):
                  seed: int | None = None, **attack_kwargs: Any) -> None:
         super().__init__(model, seed=seed)
         if not isinstance(source, nn.Module):
-            raise TypeError(f"source must be an nn.Module, got {type(source).__name__}")
+            raise UnsupportedModelError(f"source must be an nn.Module, got {type(source).__name__}")
         if callable(attack) and not isinstance(attack, str):
             if attack_kwargs:
-                raise ValueError("attack options go into the factory when attack is a callable")
+                raise AttackOptionError("attack options go into the factory when attack is a callable")
             self.inner = attack(source)
         else:
-            if attack not in TRANSFER_ATTACKS:
-                raise ValueError(f"unknown transfer attack {attack!r}; choose from {sorted(TRANSFER_ATTACKS)}")
-            self.inner = TRANSFER_ATTACKS[attack](source, seed=seed, **attack_kwargs)
+            from .registry import build_attack  # the registry builds transfer attacks with this class
+
+            self.inner = build_attack(attack, source, seed=seed, **attack_kwargs)
         if not isinstance(self.inner, Attack):
-            raise TypeError(f"the attack factory must return an abnn Attack, got {type(self.inner).__name__}")
+            raise UnsupportedModelError(f"the attack factory must return an abnn Attack, got {type(self.inner).__name__}")
         self.source = source
         self.attack = attack if isinstance(attack, str) else getattr(attack, "__name__", "custom")
 

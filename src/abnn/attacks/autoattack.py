@@ -14,14 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .apgd import APGD, APGDT
-from .base import Attack
-from .square import Square
+from .base import Attack, AttackOptionError, check_budget, check_choice, check_count
 
 __all__ = ["AutoAttack"]
 
+#: the component attacks, by their registry names
 ATTACKS = ("apgd-ce", "apgd-t", "apgd-dlr", "square")
-_MIN_CLASSES = {"apgd-ce": 2, "apgd-t": 4, "apgd-dlr": 3, "square": 2}
+MIN_CLASSES = {"apgd-ce": 2, "apgd-t": 4, "apgd-dlr": 3, "square": 2}
 
 
 class AutoAttack(Attack):
@@ -36,7 +35,8 @@ class AutoAttack(Attack):
 
     Versions:
         ``"standard"``: APGD-CE (1 restart), APGD-T (9 target classes, 1 restart), APGD-DLR
-        (1 restart, in FAB-T's place), Square (``queries`` = 5000, 1 restart, p_init 0.8);
+        (1 restart, in FAB-T's place), Square (``queries`` = 5000, 1 restart, p_init 0.8, the
+        paper's schedule of p without rescaling, as the reference AutoAttack);
         ``"plus"``: APGD-CE (5 restarts), APGD-DLR (5 restarts), Square (5 restarts), APGD-T
         (all K - 1 target classes, 1 restart).
     APGD runs ``steps`` = 100 iterations.  ``attacks`` picks a subset/order of
@@ -61,8 +61,11 @@ class AutoAttack(Attack):
         steps: APGD iterations.
         queries: Square's query budget.
         attacks: override of the attack list (names above), in running order.
-        seed: passed to every component (see :class:`~abnn.attacks.base.Attack`).
-        channels_last: passed to every component (see :class:`~abnn.attacks.base.Attack`).
+        n_target_classes: APGD-T's target classes (default: 9 for ``standard``, all K - 1 for
+            ``plus``).
+        seed, channels_last, amp: passed to every component (see :class:`~abnn.attacks.base.Attack`).
+
+    The official implementation (with FAB-T) is :class:`~abnn.attacks.OfficialAutoAttack`.
 
     Example::
 
@@ -71,42 +74,47 @@ class AutoAttack(Attack):
     """
 
     def __init__(self, model: nn.Module, *, eps: float = 8 / 255, version: str = "standard", steps: int = 100,
-                 queries: int = 5000, attacks: Sequence[str] | None = None, seed: int | None = None,
-                 channels_last: bool | None = None) -> None:
-        super().__init__(model, seed=seed, channels_last=channels_last)
-        if version not in ("standard", "plus"):
-            raise ValueError(f"version must be 'standard' or 'plus', got {version!r}")
-        if eps < 0 or steps < 1 or queries < 1:
-            raise ValueError(f"need eps >= 0, steps >= 1, queries >= 1; got {eps}, {steps}, {queries}")
+                 queries: int = 5000, attacks: Sequence[str] | None = None, n_target_classes: int | None = None,
+                 seed: int | None = None, channels_last: bool | None = None, amp: torch.dtype | None = None) -> None:
+        super().__init__(model, seed=seed, channels_last=channels_last, amp=amp)
+        self.eps = check_budget("eps", eps)
+        self.version = check_choice("version", version, ("standard", "plus"))
+        self.steps = check_count("steps", steps, minimum=1)
+        self.queries = check_count("queries", queries, minimum=1)
         default = ATTACKS if version == "standard" else ("apgd-ce", "apgd-dlr", "square", "apgd-t")
         names = tuple(default if attacks is None else attacks)
         bad = [a for a in names if a not in ATTACKS]
         if bad or not names or len(set(names)) != len(names):
-            raise ValueError(f"attacks must be distinct names from {ATTACKS}, got {list(names)}")
-        self.eps = eps
-        self.version = version
-        self.steps = steps
-        self.queries = queries
+            raise AttackOptionError(f"attacks must be distinct names from {ATTACKS}, got {list(names)}")
         self.attacks = names
+        if n_target_classes is not None:
+            n_target_classes = check_count("n_target_classes", n_target_classes, minimum=1)
+        self.n_target_classes = n_target_classes
         self.last_report: dict[str, Any] = {}
 
     def settings(self) -> dict[str, Any]:
         return {k: v for k, v in super().settings().items() if k != "last_report"}
 
-    def component(self, name: str) -> Attack:
-        """The configured component attack ``name`` (one of ``ATTACKS``)."""
+    def component_options(self, name: str) -> dict[str, Any]:
+        """The options of component ``name`` in this ensemble (the suite runs the same settings)."""
         plus = self.version == "plus"
-        r = 5 if plus else 1
-        common = {"eps": self.eps, "seed": self.seed, "channels_last": self.channels_last}
-        if name == "apgd-ce":
-            return APGD(self.model, steps=self.steps, loss="ce", restarts=r, **common)
-        if name == "apgd-dlr":
-            return APGD(self.model, steps=self.steps, loss="dlr", restarts=r, **common)
+        restarts = 5 if plus else 1
+        if name in ("apgd-ce", "apgd-dlr"):
+            return {"eps": self.eps, "steps": self.steps, "restarts": restarts}
         if name == "apgd-t":
-            return APGDT(self.model, steps=self.steps, n_target_classes=None if plus else 9, restarts=1, **common)
+            targets = self.n_target_classes if self.n_target_classes is not None else (None if plus else 9)
+            return {"eps": self.eps, "steps": self.steps, "n_target_classes": targets, "restarts": 1}
         if name == "square":
-            return Square(self.model, queries=self.queries, p_init=0.8, restarts=r, **common)
-        raise ValueError(f"unknown attack {name!r}; choose from {ATTACKS}")
+            return {"eps": self.eps, "queries": self.queries, "p_init": 0.8, "restarts": restarts,
+                    "rescale_schedule": False}
+        raise AttackOptionError(f"unknown attack {name!r}; choose from {ATTACKS}")
+
+    def component(self, name: str) -> Attack:
+        """The configured component attack ``name`` (one of ``ATTACKS``), built by the registry."""
+        from .registry import build_attack  # the registry registers this class too
+
+        return build_attack(name, self.model, **self.component_options(name), seed=self.seed,
+                                channels_last=self.channels_last, amp=self.amp)
 
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         b = x.shape[0]
@@ -118,7 +126,7 @@ class AutoAttack(Attack):
         report: dict[str, Any] = {"clean": robust.float().mean().item()}
         skipped: list[str] = []
         for name in self.attacks:
-            if k < _MIN_CLASSES[name]:
+            if k < MIN_CLASSES[name]:
                 skipped.append(name)
                 continue
             idx = robust.nonzero().squeeze(1)

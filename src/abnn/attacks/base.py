@@ -4,27 +4,80 @@
 
 On every call the base class: validates the input (a float tensor (B, C, ...) in [0, 1], finite,
 labels (B,)), puts the model in eval mode and restores its previous mode afterwards, never
-mutates ``x``, and seeds its own generator when ``seed`` is set.  Attacks differentiate with
-``torch.autograd.grad`` w.r.t. the input only, so parameter ``.grad`` fields are never touched.
-On the CPU, image attacks run in the channels-last memory format (``channels_last``): the same
-attack, about 1.2-1.3x faster.  Subclasses implement :meth:`perturb` alone.
+mutates ``x``, seeds its own generator when ``seed`` is set, and runs the attack in float32 even
+inside an autocast region (``amp`` asks for mixed precision explicitly).  Attacks differentiate
+with ``torch.autograd.grad`` w.r.t. the input only, so parameter ``.grad`` fields are never
+touched.  On the CPU, image attacks run in the channels-last memory format (``channels_last``):
+the same attack, about 1.2-1.3x faster.  Subclasses implement :meth:`perturb` alone, and check
+their budgets with :func:`check_budget` and :func:`check_count` (one-line errors).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import operator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import AbnnError
+from ..errors import AbnnError, InputRangeError
 
-__all__ = ["Attack", "InvalidInputError"]
+__all__ = ["Attack", "AttackOptionError", "FirstFooled", "InvalidInputError", "UnsupportedModelError",
+           "check_budget", "check_choice", "check_count"]
 
 
-class InvalidInputError(AbnnError, ValueError):
-    """Input that no attack accepts (shape, range, NaN, labels)."""
+class InvalidInputError(InputRangeError):
+    """Input that no attack accepts (shape, range, NaN, labels); the attacks' case of the
+    package's :class:`~abnn.errors.InputRangeError`."""
+
+
+class AttackOptionError(AbnnError, ValueError):
+    """An attack option out of range: a budget that is not finite, negative, above the pixel range,
+    a count below its minimum, an unknown choice or option name."""
+
+
+class UnsupportedModelError(AbnnError, TypeError):
+    """An attack that needs a kind of model it was not given (e.g. the statistics attack on a
+    model without adaptive layers)."""
+
+
+def check_budget(name: str, value: Any, *, positive: bool = False) -> float:
+    """A pixel budget (eps, alpha): a finite number in [0, 1] (``(0, 1]`` when ``positive``), a
+    fraction of the pixel range; 8/255 = 0.0314."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise AttackOptionError(f"{name} must be a number (a fraction of the pixel range, e.g. {name}=8/255), "
+                                f"got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise AttackOptionError(f"{name} must be a finite number {'> 0' if positive else '>= 0'} (a fraction of the "
+                                f"pixel range, e.g. {name}=8/255), got {value!r}")
+    if v > 1:
+        hint = f"; for {v:g}/255 pass {name}={v:g}/255" if v <= 255 else ""
+        raise AttackOptionError(f"{name} must be at most 1 (inputs are pixels in [0, 1]), got {value!r}{hint}")
+    return v
+
+
+def check_count(name: str, value: Any, *, minimum: int) -> int:
+    """An integer option (steps, restarts, queries) of at least ``minimum``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = operator.index(value)
+    except TypeError:
+        raise AttackOptionError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
+    if v < minimum:
+        raise AttackOptionError(f"{name} must be an integer >= {minimum}, got {v}")
+    return v
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> Any:
+    if value not in choices:
+        raise AttackOptionError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
 
 
 class Attack:
@@ -40,12 +93,20 @@ class Attack:
             layout (``abnn bench throughput``), off otherwise.  Only the memory layout changes,
             not the values: the result is returned in the input's layout, and gradients agree
             with the default layout up to float rounding (the summation order of the kernels).
+        amp: ``None`` (default): the attack runs in float32, with any autocast region of the
+            caller switched off (a bf16 gradient is a weaker attack).  A dtype (``torch.bfloat16``,
+            ``torch.float16``): the attack runs under autocast with it, e.g. PGD adversarial
+            training that keeps the cost of its mixed-precision training step.
     """
 
-    def __init__(self, model: nn.Module, *, seed: int | None = None, channels_last: bool | None = None) -> None:
+    def __init__(self, model: nn.Module, *, seed: int | None = None, channels_last: bool | None = None,
+                 amp: torch.dtype | None = None) -> None:
+        if amp is not None and not (isinstance(amp, torch.dtype) and amp.is_floating_point):
+            raise AttackOptionError(f"amp must be None or a floating dtype such as torch.bfloat16, got {amp!r}")
         self.model = model
         self.seed = seed
         self.channels_last = channels_last
+        self.amp = amp
 
     # subclasses implement this ---------------------------------------------------------------
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -59,7 +120,7 @@ class Attack:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), self.precision(x.device):
                 x_adv = self.perturb(x_in, y.detach())
         finally:
             self.model.train(was_training)
@@ -69,6 +130,12 @@ class Attack:
         return x_adv
 
     forward = __call__
+
+    def precision(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """float32 (autocast off) unless ``amp`` asks for a mixed-precision dtype."""
+        if self.amp is None:
+            return torch.autocast(device.type, enabled=False)
+        return torch.autocast(device.type, dtype=self.amp)
 
     def memory_format(self, x: Tensor) -> torch.memory_format | None:
         """The layout the attack runs in for input ``x`` (``None``: as given); see ``channels_last``."""
@@ -115,11 +182,35 @@ class Attack:
     def settings(self) -> dict[str, Any]:
         """The attack's settings (for reports)."""
         return {k: v for k, v in vars(self).items()
-                if k != "model" and not (k == "channels_last" and v is None)}
+                if k != "model" and not (k in ("channels_last", "amp") and v is None)}
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={_fmt(v) if k in ('eps', 'alpha') else repr(v)}" for k, v in self.settings().items())
         return f"{type(self).__name__}({opts})"
+
+
+class FirstFooled:
+    """Per sample, the first iterate that fools the model, else the last one (as APGD keeps a
+    fooling iterate, Croce & Hein 2020): a later iterate can leave the decision region again, and
+    the attack must not give back a success it found.
+
+    ``update(x_k, logits_k)`` after each forward pass of iterate ``x_k`` (no extra pass: the logits
+    are those of the gradient computation); ``result(x_last)`` at the end.  Element-wise work only,
+    no device synchronisation."""
+
+    def __init__(self, x: Tensor, y: Tensor) -> None:
+        self.y = y
+        self.fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        self.first = x
+        self._view = (-1,) + (1,) * (x.dim() - 1)
+
+    def update(self, x_k: Tensor, logits: Tensor) -> None:
+        new = (logits.argmax(1) != self.y) & ~self.fooled
+        self.first = torch.where(new.view(self._view), x_k, self.first)
+        self.fooled |= new
+
+    def result(self, x_last: Tensor) -> Tensor:
+        return torch.where(self.fooled.view(self._view), self.first, x_last)
 
 
 def _fmt(v: Any) -> str:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Attack, InvalidInputError
+from .base import Attack, FirstFooled, InvalidInputError, check_budget, check_choice, check_count
 
 __all__ = ["ROA"]
 
@@ -42,7 +42,8 @@ class ROA(Attack):
        place and later frames clean.
     2. *Content.*  Start from ``x`` with the rectangle(s) filled with ``fill``, then ``steps``
        sign-gradient steps of size ``alpha`` inside the mask only (no eps bound there), clamped to
-       [0, 1].  Pixels outside the mask are never changed.
+       [0, 1].  Pixels outside the mask are never changed.  Per sample, the first iterate (the
+       gray fill included) that fools the model is returned, else the last one.
 
     Args:
         model: maps [0, 1] inputs to logits (B, K); for ABNN the whole framework.
@@ -56,7 +57,7 @@ class ROA(Attack):
         steps: sign steps.
         video_positions: ``"random"`` or ``"search"`` (clips only).
         seed: see :class:`~abnn.attacks.base.Attack` (used by ``video_positions="random"``).
-        channels_last: see :class:`~abnn.attacks.base.Attack`.
+        channels_last, amp: see :class:`~abnn.attacks.base.Attack`.
         search_batch: images per forward during the search; a clip candidate counts as T images,
             so ``max(1, search_batch // T)`` clips go through at once.  For a model whose output
             depends on the batch, the candidates' losses depend on this grouping.
@@ -71,33 +72,20 @@ class ROA(Attack):
     def __init__(self, model: nn.Module, *, size: int | None = None, stride: int = 1,
                  search: str = "exhaustive", top_k: int = 20, fill: float = 0.5,
                  alpha: float = 70 / 255, steps: int = 5, video_positions: str = "random",
-                 seed: int | None = None, search_batch: int = 1024, channels_last: bool | None = None) -> None:
-        super().__init__(model, seed=seed, channels_last=channels_last)
-        if size is not None and (not isinstance(size, int) or size < 1):
-            raise ValueError(f"size must be a positive int or None, got {size!r}")
-        if not isinstance(stride, int) or stride < 1:
-            raise ValueError(f"stride must be a positive int, got {stride!r}")
-        if search not in _SEARCHES:
-            raise ValueError(f"search must be one of {_SEARCHES}, got {search!r}")
-        if not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be a positive int, got {top_k!r}")
-        if not 0 <= fill <= 1:
-            raise ValueError(f"fill must be in [0, 1], got {fill!r}")
-        if alpha <= 0 or steps < 0:
-            raise ValueError(f"need alpha > 0 and steps >= 0, got {alpha!r}, {steps!r}")
-        if video_positions not in _VIDEO_POSITIONS:
-            raise ValueError(f"video_positions must be one of {_VIDEO_POSITIONS}, got {video_positions!r}")
-        if not isinstance(search_batch, int) or search_batch < 1:
-            raise ValueError(f"search_batch must be a positive int, got {search_batch!r}")
+                 seed: int | None = None, search_batch: int = 1024, channels_last: bool | None = None,
+                 amp: torch.dtype | None = None) -> None:
+        super().__init__(model, seed=seed, channels_last=channels_last, amp=amp)
+        if size is not None:
+            size = check_count("size", size, minimum=1)
         self.size = size
-        self.stride = stride
-        self.search = search
-        self.top_k = top_k
-        self.fill = fill
-        self.alpha = alpha
-        self.steps = steps
-        self.video_positions = video_positions
-        self.search_batch = search_batch
+        self.stride = check_count("stride", stride, minimum=1)
+        self.search = check_choice("search", search, _SEARCHES)
+        self.top_k = check_count("top_k", top_k, minimum=1)
+        self.fill = check_budget("fill", fill)
+        self.alpha = check_budget("alpha", alpha, positive=True)
+        self.steps = check_count("steps", steps, minimum=0)
+        self.video_positions = check_choice("video_positions", video_positions, _VIDEO_POSITIONS)
+        self.search_batch = check_count("search_batch", search_batch, minimum=1)
 
     # public helpers ---------------------------------------------------------------------------
     @staticmethod
@@ -145,14 +133,17 @@ class ROA(Attack):
         return self._fill_and_step(x, y, mask)
 
     def _fill_and_step(self, x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
-        """Fill the mask with ``fill``, then sign steps inside it; images and clips alike."""
+        """Fill the mask with ``fill``, then sign steps inside it; images and clips alike.  Per
+        sample the first iterate (the gray fill included) that fools the model, else the last."""
         outside = ~mask
         x_adv = x.masked_fill(mask, self.fill)
+        track = FirstFooled(x_adv, y)
         for _ in range(self.steps):
-            grad, _ = self.input_grad(x_adv, y)
+            grad, logits = self.input_grad(x_adv, y)
+            track.update(x_adv, logits)
             # outside the mask the step is exactly 0, so those pixels keep their values
             x_adv.add_(grad.sign_().masked_fill_(outside, 0), alpha=self.alpha).clamp_(0, 1)
-        return x_adv
+        return track.result(x_adv)
 
     # position search --------------------------------------------------------------------------
     def _grid(self, x: Tensor) -> tuple[Tensor, Tensor]:

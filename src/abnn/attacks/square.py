@@ -6,9 +6,10 @@ Score-based and gradient-free: only the logits are queried.  Random search on th
 ``L = z_y - max_{k != y} z_k`` (minimised; a sample is fooled when L < 0), starting from vertical
 stripes of +-eps, and at iteration i proposing to set a random square window of side
 ``s = round(sqrt(p_i * H * W))`` to a random +-eps per channel; a proposal is kept if it lowers
-the loss.  ``p_i`` starts at ``p_init`` and is halved at iterations
-{10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000} of a 10 000-query budget, rescaled to the actual
-budget (the paper's schedule).
+the loss.  ``p_i`` starts at ``p_init`` and is halved after iterations
+{10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000} (the paper's schedule, for 10 000 queries).
+With ``rescale_schedule`` these iterations are scaled to the actual budget (the reference
+``SquareAttack``'s default); AutoAttack runs Square with the schedule as it is, unscaled.
 """
 
 from __future__ import annotations
@@ -18,17 +19,19 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import Attack, InvalidInputError
+from .base import Attack, AttackOptionError, InvalidInputError, check_budget, check_count
 
 __all__ = ["Square", "margin_loss", "square_p"]
 
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
-def square_p(p_init: float, it: int, queries: int) -> float:
-    """Fraction of pixels changed at iteration ``it`` of a ``queries`` budget (paper's schedule)."""
-    frac = it / queries * 10000
-    return p_init / 2 ** sum(frac > t for t in _HALVINGS)
+def square_p(p_init: float, it: int, queries: int, *, rescale: bool = True) -> float:
+    """Fraction of pixels changed at iteration ``it`` (the paper's schedule); with ``rescale``, the
+    iteration is first mapped to a 10 000-query budget as ``int(it / queries * 10000)``."""
+    if rescale:
+        it = int(it / queries * 10000)
+    return p_init / 2 ** sum(it > t for t in _HALVINGS)
 
 
 def margin_loss(logits: Tensor, y: Tensor) -> Tensor:
@@ -60,18 +63,23 @@ class Square(Attack):
         p_init: initial fraction of pixels covered by a square (0.8, as in AutoAttack; the paper
             tunes it per dataset).
         restarts: restarts (fresh stripes) on the samples not yet fooled.
-        seed, channels_last: see :class:`~abnn.attacks.base.Attack`.
+        rescale_schedule: scale the halving iterations of ``p`` to ``queries`` (default, as the
+            reference ``SquareAttack``); ``False``: the paper's iterations as they are, as inside
+            AutoAttack.
+        seed, channels_last, amp: see :class:`~abnn.attacks.base.Attack`.
     """
 
     def __init__(self, model: nn.Module, *, eps: float = 8 / 255, queries: int = 1000, p_init: float = 0.8,
-                 restarts: int = 1, seed: int | None = None, channels_last: bool | None = None) -> None:
-        super().__init__(model, seed=seed, channels_last=channels_last)
-        if eps < 0 or queries < 1 or restarts < 1 or not 0 < p_init <= 1:
-            raise ValueError(f"need eps >= 0, queries >= 1, restarts >= 1, 0 < p_init <= 1; got {eps}, {queries}, {restarts}, {p_init}")
-        self.eps = eps
-        self.queries = queries
-        self.p_init = p_init
-        self.restarts = restarts
+                 restarts: int = 1, rescale_schedule: bool = True, seed: int | None = None,
+                 channels_last: bool | None = None, amp: torch.dtype | None = None) -> None:
+        super().__init__(model, seed=seed, channels_last=channels_last, amp=amp)
+        self.eps = check_budget("eps", eps)
+        self.queries = check_count("queries", queries, minimum=1)
+        if not (isinstance(p_init, (int, float)) and 0 < p_init <= 1):
+            raise AttackOptionError(f"p_init must be in (0, 1], got {p_init!r}")
+        self.p_init = float(p_init)
+        self.restarts = check_count("restarts", restarts, minimum=1)
+        self.rescale_schedule = bool(rescale_schedule)
 
     def _margin(self, x: Tensor, y: Tensor) -> Tensor:
         return margin_loss(self.model(x), y)
@@ -101,7 +109,7 @@ class Square(Attack):
             if m == 0:
                 break
             xa, xb = x[act], x_best[act]
-            s = min(max(int(round(math.sqrt(square_p(self.p_init, i, self.queries) * h * w))), 1), side_max)
+            s = min(max(int(round(math.sqrt(square_p(self.p_init, i, self.queries, rescale=self.rescale_schedule) * h * w))), 1), side_max)
             vh = torch.randint(0, h - s + 1, (m, 1), generator=gen, device=dev)
             vw = torch.randint(0, w - s + 1, (m, 1), generator=gen, device=dev)
             in_h = (rows >= vh) & (rows < vh + s)  # (m, H)

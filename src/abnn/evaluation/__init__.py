@@ -1,8 +1,15 @@
-"""Evaluation: clean and robust accuracy under a set of attacks."""
+"""Evaluation: the one runner (:func:`run_attacks`), typed results, the suites and their checks.
+
+    from abnn.evaluation import run_attacks, run_suite
+    res = run_attacks(model, data, ["pgd", "apgd-ce:steps=20"], seed=0)   # EvalResult
+    suite = run_suite(model, data, quick=True, out_dir="suite")           # SuiteResult
+"""
 
 from .crosscheck import crosscheck_torchattacks
-from .robustness import ATTACK_BUILDERS, build_attack, evaluate, evaluate_run
-from .suite import BUDGETS, run_suite, run_suite_on_run
+from .results import SCHEMA_VERSION, AttackResult, Curve, EvalResult, SuiteResult, WorstCase
+from .runner import PROGRESS_FILE, derive_seed, evaluate_run, run_attacks
+from .suites import BUDGETS, SUITES, run_suite, run_suite_on_run, suite_specs
 
-__all__ = ["ATTACK_BUILDERS", "BUDGETS", "build_attack", "crosscheck_torchattacks", "evaluate", "evaluate_run",
-           "run_suite", "run_suite_on_run"]
+__all__ = ["AttackResult", "BUDGETS", "Curve", "EvalResult", "PROGRESS_FILE", "SCHEMA_VERSION", "SUITES",
+           "SuiteResult", "WorstCase", "crosscheck_torchattacks", "derive_seed", "evaluate_run", "run_attacks",
+           "run_suite", "run_suite_on_run", "suite_specs"]

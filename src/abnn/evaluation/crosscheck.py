@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attacks import PGD
+from ..attacks import build_attack
 
 __all__ = ["crosscheck_torchattacks"]
 
@@ -39,8 +39,9 @@ def _import_torchattacks() -> Any:
 
 def crosscheck_torchattacks(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 8 / 255, alpha: float = 2 / 255,
                             steps: int = 10, batch_size: int = 250, device: torch.device | str | None = None) -> dict:
-    """Our :class:`~abnn.attacks.PGD` (``random_start=False``) vs ``torchattacks.PGD(random_start=False)``
-    with the same eps, alpha and steps on the same images, in the same batches.
+    """Our :class:`~abnn.attacks.PGD` (``random_start=False``, the last iterate as torchattacks
+    returns it: ``first_fooling=False``) vs ``torchattacks.PGD(random_start=False)`` with the same
+    eps, alpha and steps on the same images, in the same batches.
 
     Args:
         model: maps [0, 1] inputs to logits (put in eval mode; its mode is restored).
@@ -65,7 +66,7 @@ def crosscheck_torchattacks(model: nn.Module, x: Tensor, y: Tensor, *, eps: floa
     device = torch.device(device)
     was_training = model.training
     model.to(device).eval()
-    ours = PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=False)
+    ours = build_attack("pgd", model, eps=eps, alpha=alpha, steps=steps, random_start=False, first_fooling=False)
     theirs = ta.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=False)
     if hasattr(theirs, "set_device"):
         theirs.set_device(device)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..config import TrainConfig, write_json_atomic
+from ..config import TrainConfig, run_identity, write_json_atomic
 from ..data import load_dataset
 from ..runs import load_run, read_json, recorded_differences
 from .schedule import Stage
@@ -100,7 +100,7 @@ def job_eval(run: Path, spec: StudyEval, data_root: str | None, device: str, for
     _log(f"{run.name}: evaluating {', '.join(spec.attacks)} on {len(data)} test images")
     t0 = time.perf_counter()
     res = run_attacks(model, data, list(spec.attacks), batch_size=spec.batch_size, device=device, seed=spec.seed,
-                      progress=progress, progress_dir=run / "eval_strong-progress")
+                      progress=progress, progress_dir=run / "eval_strong-progress", identity=run_identity(cfg))
     out = {"spec": spec.key(), "n_eval": len(data), "clean_acc": res.clean_acc,
            "robust_acc": {name: a.robust_acc for name, a in res.attacks.items()},
            "worst_case_acc": res.worst_case().robust_acc, "seconds": time.perf_counter() - t0,

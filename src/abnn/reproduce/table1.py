@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..attacks import AttackSpec, build_attack
 from ..config import TrainConfig, write_json_atomic
 from ..data import load_dataset
-from ..evaluation import build_attack, evaluate
+from ..evaluation import run_attacks
 from ..files import ensure_writable
 from ..runs import check_same_run, load_run, read_json
 from ..training import train
@@ -77,11 +78,13 @@ def _stage_eval(run: Path, preset, data_root: str | None, device: str, *, force:
         return done
     model, _ = load_run(run, device=device)
     data = load_dataset(preset.dataset, "test", data_root).subset(preset.n_eval)
-    attacks = {name: build_attack(name, model, seed=preset.seed, **o) for name, o in opts.items()}
     _log(f"{run.name}: evaluating clean, {', '.join(n.upper() for n in opts)} on {len(data)} test samples")
-    t0 = time.perf_counter()
-    res = evaluate(model, data, attacks, batch_size=preset.eval_batch_size, device=device, progress=progress)
-    res.update({"seconds": time.perf_counter() - t0, "attack_options": opts, "seed": preset.seed})
+    ev = run_attacks(model, data, [AttackSpec(name, o, label=name) for name, o in opts.items()], device=device,
+                     batch_size=preset.eval_batch_size, seed=preset.seed, progress=progress)
+    res = {"n_eval": ev.n_eval, "clean_acc": ev.clean_acc, "robust_acc": {k: r.robust_acc for k, r in ev.attacks.items()},
+           "attacks": {k: r.settings for k, r in ev.attacks.items()},
+           "attack_seconds": {k: r.seconds for k, r in ev.attacks.items()},
+           "seconds": ev.seconds, "attack_options": opts, "seed": preset.seed}
     write_json_atomic(out, res)
     return res
 
@@ -97,8 +100,9 @@ def _examples(out: Path, preset, data_root: str | None, device: str) -> Path:
     x, y = data.float_batch(slice(None)) if hasattr(data, "float_batch") else next(iter(data.batches(preset.n_examples)))
     x, y = x.to(device), y.to(device)
     opts = preset.attack_options()
-    x_pgd = build_attack("pgd", model, seed=preset.seed, **opts["pgd"])(x, y)
-    x_roa = build_attack("roa", model, seed=preset.seed, **opts["roa"])(x, y)
+    video = x.dim() == 5
+    x_pgd = build_attack("pgd", model, video=video, seed=preset.seed, **opts["pgd"])(x, y)
+    x_roa = build_attack("roa", model, video=video, seed=preset.seed, **opts["roa"])(x, y)
     with torch.no_grad():
         preds = {k: model(v).argmax(1).cpu() for k, v in (("clean", x), ("pgd", x_pgd), ("roa", x_roa))}
     names = getattr(data, "class_names", ()) or getattr(data, "classes", ())

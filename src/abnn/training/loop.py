@@ -62,13 +62,17 @@ def pgd_at_loss(eps: float, alpha: float, steps: int) -> BatchLoss:
     """PGD-AT: cross-entropy on L-inf PGD examples (random start) generated each step.  The
     attack runs with the model in eval mode (BN running statistics untouched by attack
     iterations, as in torchattacks); the training pass runs in train mode.  Under DDP the attack
-    uses the module inside the wrapper (local, no communication); it runs under whatever
-    autocast the caller set (the training step's) and in the batch's memory layout (the training
-    step's ``channels_last``, not the attack's own CPU default), so that every method trains in
-    the same layout and their costs stay comparable."""
+    uses the module inside the wrapper (local, no communication); it runs with the autocast dtype
+    the caller set (the training step's, passed on explicitly: attacks otherwise run in float32),
+    in the batch's memory layout (the training step's ``channels_last``, not the attack's own CPU
+    default), so that every method trains in the same layout and their costs stay comparable, and
+    trains on the last iterate (Madry et al.), not on the first that fools the model."""
 
     def loss(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        x_adv = PGD(unwrap(model), eps=eps, alpha=alpha, steps=steps, random_start=True, channels_last=False)(x, y)
+        dev = x.device.type
+        amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        x_adv = PGD(unwrap(model), eps=eps, alpha=alpha, steps=steps, random_start=True, first_fooling=False,
+                    channels_last=False, amp=amp)(x, y)
         logits = model(x_adv)
         return F.cross_entropy(logits, y), logits
 

@@ -1,0 +1,263 @@
+"""Typed evaluation results, and their JSON form.
+
+:class:`AttackResult` is one attack over a dataset; :class:`EvalResult` is what the runner
+returns (clean accuracy, every attack, the per-sample worst case); :class:`SuiteResult` adds the
+robustness checklist (curves, checks, flags, verdict).  ``to_dict`` gives the JSON written to
+``eval.json`` / ``autoattack.json`` (an :class:`EvalResult`) and ``suite.json`` (a
+:class:`SuiteResult`); ``from_dict`` reads them back, old files included.
+
+Schema, version 2 (``schema_version``; files without it are version 1, see below)::
+
+    eval.json / autoattack.json
+      schema_version  2
+      type            "evaluation"
+      n_eval          number of samples (the first n_eval of the test split)
+      clean_acc       fraction correct on clean inputs
+      clean_mask      per sample "0"/"1" string: correct on the clean input
+      eps, eps_255    the evaluated L-inf radius, as a fraction of the pixel range [0, 1] and in
+                      1/255 units (8.0 = 8/255)
+      robust_acc      {label: robust accuracy} (the same numbers as attacks[label].robust_acc)
+      attacks         {label: attack row}, in running order
+      worst_case      {eps, eps_255, robust_acc, attacks: [labels], robust_mask}: per sample, robust
+                      under every L-inf attack at eps (sweep points at eps included)
+      seed, batch_size, device, threads, seconds, resumed_attacks, and the run's metadata
+                      (run, method, dataset, arch, width) when evaluated from a run folder
+
+    attack row
+      attack          registry name (abnn evaluate --list-attacks)
+      kind            white-box | black-box | transfer | ensemble
+      norm            "linf", or null for another threat model (ROA)
+      eps, eps_255    its L-inf radius (null without one)
+      options         the resolved options (eps, alpha as fractions of the pixel range)
+      settings        the attack's repr: every setting and its seed
+      seed            the attack's own seed, derived from the run seed and its label
+      group           "attack", or the suite sweep it belongs to ("eps-sweep", "steps-sweep")
+      derived_from    null, or the labels whose per-sample worst case this row is (no run of its own)
+      robust_acc      fraction correct both clean and under this attack (RobustBench convention)
+      robust_mask     per sample "0"/"1" string
+      seconds         wall-clock seconds of the attack
+
+    suite.json: the keys of eval.json (type "suite", robust_acc the headline float: the worst case,
+      over evaluation protocols too for batch statistics), and suite, model, is_abnn,
+      substitute_stats, input_shape, num_classes, budget, budget_settings, worst_case (plus
+      recheck_acc, broken_only_by), masking ({label: samples that gradient-free or transfer attack
+      breaks and no white-box attack does}), eps_curve, steps_curve, gradients, batch_checks,
+      flags, verdict ("PASS" | "SUSPECT"), generated.
+
+Version 1 (suite.json before schema_version): attack rows held kind, settings, robust_acc and
+seconds only, without masks; sweep points were not rows.  They load with ``robust_mask=None``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["AttackResult", "Curve", "EvalResult", "SCHEMA_VERSION", "SuiteResult", "WorstCase"]
+
+SCHEMA_VERSION = 2
+
+
+def mask_to_str(mask: Tensor | None) -> str | None:
+    return None if mask is None else "".join("1" if v else "0" for v in mask.tolist())
+
+
+def mask_from_str(text: str | None) -> Tensor | None:
+    return None if text is None else torch.tensor([c == "1" for c in text], dtype=torch.bool)
+
+
+def _acc(mask: Tensor) -> float:
+    return mask.float().mean().item() if mask.numel() else 0.0
+
+
+def same_eps(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+@dataclass
+class AttackResult:
+    """One attack over a dataset."""
+
+    label: str
+    attack: str
+    kind: str
+    norm: str | None
+    eps: float | None
+    options: dict[str, Any]
+    settings: str
+    seed: int | None
+    robust_acc: float
+    seconds: float
+    robust_mask: Tensor | None = None
+    group: str = "attack"
+    derived_from: list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"attack": self.attack, "kind": self.kind, "norm": self.norm, "eps": self.eps,
+                "eps_255": None if self.eps is None else self.eps * 255, "options": self.options,
+                "settings": self.settings, "seed": self.seed, "group": self.group, "derived_from": self.derived_from,
+                "robust_acc": self.robust_acc, "robust_mask": mask_to_str(self.robust_mask), "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, label: str, d: dict[str, Any], *, eps: float | None = None, seed: int | None = None) -> "AttackResult":
+        """A row of any schema version (``eps``/``seed``: the file's, for version-1 rows)."""
+        return cls(label=label, attack=d.get("attack", label), kind=d["kind"], norm=d.get("norm", "linf"),
+                   eps=d.get("eps", eps), options=d.get("options", {}), settings=d["settings"], seed=d.get("seed", seed),
+                   robust_acc=d["robust_acc"], seconds=d["seconds"], robust_mask=mask_from_str(d.get("robust_mask")),
+                   group=d.get("group", "attack"), derived_from=d.get("derived_from"))
+
+
+@dataclass
+class WorstCase:
+    """Per sample: robust under every L-inf attack at ``eps`` (listed in ``attacks``)."""
+
+    eps: float | None
+    robust_acc: float
+    attacks: list[str]
+    robust_mask: Tensor | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"eps": self.eps, "eps_255": None if self.eps is None else self.eps * 255, "robust_acc": self.robust_acc,
+                "attacks": self.attacks, "robust_mask": mask_to_str(self.robust_mask)}
+
+
+@dataclass
+class EvalResult:
+    """Clean accuracy and attacks over one dataset (the runner's result)."""
+
+    n_eval: int
+    clean_acc: float
+    clean_mask: Tensor | None
+    eps: float | None
+    attacks: dict[str, AttackResult]
+    seed: int
+    batch_size: int
+    device: str
+    threads: int
+    seconds: float
+    resumed: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    x_worst: Tensor | None = field(default=None, repr=False)  # worst-case inputs (runner option); not saved
+
+    def worst_case(self, eps: float | None = None) -> WorstCase:
+        """Per-sample worst case over every L-inf attack run at ``eps`` (default: the evaluated
+        eps), whatever its kind or group (a sweep point at eps counts), derived rows aside."""
+        eps = self.eps if eps is None else eps
+        rows = [r for r in self.attacks.values() if r.norm == "linf" and same_eps(r.eps, eps) and not r.derived_from]
+        if self.clean_mask is None or any(r.robust_mask is None for r in rows):
+            raise ValueError("this result has no per-sample masks (a version-1 file); its stored worst case is "
+                             "SuiteResult.worst")
+        mask = self.clean_mask.clone()
+        for r in rows:
+            mask &= r.robust_mask
+        return WorstCase(eps, _acc(mask), [r.label for r in rows], mask)
+
+    def add_derived(self, label: str, parts: list[str], settings: str, *, kind: str) -> AttackResult | None:
+        """A row that is the per-sample worst case of ``parts`` (those present), run by none."""
+        have = [self.attacks[p] for p in parts if p in self.attacks]
+        if not have:
+            return None
+        mask = torch.stack([r.robust_mask for r in have]).all(0)
+        row = AttackResult(label, label, kind, "linf", have[0].eps, {}, settings, None, _acc(mask),
+                           sum(r.seconds for r in have), mask, "attack", [r.label for r in have])
+        self.attacks[label] = row
+        return row
+
+    def to_dict(self) -> dict[str, Any]:
+        try:
+            worst: dict[str, Any] | None = self.worst_case().to_dict()
+        except ValueError:
+            worst = None
+        return {"schema_version": SCHEMA_VERSION, "type": "evaluation", **self.metadata, "n_eval": self.n_eval,
+                "clean_acc": self.clean_acc, "clean_mask": mask_to_str(self.clean_mask), "eps": self.eps,
+                "eps_255": None if self.eps is None else self.eps * 255,
+                "robust_acc": {k: r.robust_acc for k, r in self.attacks.items()},
+                "attacks": {k: r.to_dict() for k, r in self.attacks.items()}, "worst_case": worst,
+                "seed": self.seed, "batch_size": self.batch_size, "device": self.device, "threads": self.threads,
+                "seconds": self.seconds, "resumed_attacks": self.resumed}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EvalResult":
+        rows = {k: AttackResult.from_dict(k, r, eps=d.get("eps"), seed=d.get("seed")) for k, r in d["attacks"].items()}
+        meta = {k: d[k] for k in ("run", "method", "dataset", "arch", "width", "sources") if k in d}
+        return cls(n_eval=d["n_eval"], clean_acc=d["clean_acc"], clean_mask=mask_from_str(d.get("clean_mask")),
+                   eps=d.get("eps"), attacks=rows, seed=d.get("seed", 0), batch_size=d.get("batch_size", 0),
+                   device=d.get("device", "?"), threads=d.get("threads", 0), seconds=d.get("seconds", 0.0),
+                   resumed=list(d.get("resumed_attacks", [])), metadata=meta)
+
+
+@dataclass
+class Curve:
+    """Robust accuracy along a sweep: ``xs`` (eps in 1/255, or PGD steps) against ``robust_acc``."""
+
+    xs: list[float]
+    robust_acc: list[float]
+    settings: dict[str, Any]
+
+
+@dataclass
+class SuiteResult:
+    """The robustness checklist of :func:`abnn.evaluation.run_suite` on one model."""
+
+    evaluation: EvalResult
+    suite: str
+    budget: dict[str, Any]
+    model: str
+    is_abnn: bool
+    substitute_stats: str | None
+    input_shape: list[int]
+    num_classes: int
+    worst: WorstCase
+    recheck_acc: float | None
+    broken_only_by: dict[str, int]
+    masking: dict[str, int]
+    eps_curve: Curve
+    steps_curve: Curve
+    gradients: dict[str, Any]
+    batch_checks: dict[str, Any] | None
+    robust_acc: float
+    flags: list[str]
+    verdict: str
+    generated: str
+
+    @property
+    def attacks(self) -> dict[str, AttackResult]:
+        return self.evaluation.attacks
+
+    def to_dict(self) -> dict[str, Any]:
+        ev = self.evaluation.to_dict()
+        ev.update({"type": "suite", "suite": self.suite, "model": self.model, "is_abnn": self.is_abnn,
+                   "substitute_stats": self.substitute_stats, "input_shape": self.input_shape,
+                   "num_classes": self.num_classes, "budget": self.suite,
+                   "budget_settings": {k: list(v) if isinstance(v, tuple) else v for k, v in self.budget.items()},
+                   "worst_case": {**self.worst.to_dict(), "recheck_acc": self.recheck_acc,
+                                  "broken_only_by": self.broken_only_by},
+                   "masking": self.masking,
+                   "eps_curve": {"eps_255": self.eps_curve.xs, "robust_acc": self.eps_curve.robust_acc,
+                                 **self.eps_curve.settings},
+                   "steps_curve": {"steps": self.steps_curve.xs, "robust_acc": self.steps_curve.robust_acc,
+                                   **self.steps_curve.settings},
+                   "gradients": self.gradients, "batch_checks": self.batch_checks, "robust_acc": self.robust_acc,
+                   "flags": self.flags, "verdict": self.verdict, "generated": self.generated})
+        return ev
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SuiteResult":
+        ev = EvalResult.from_dict(d)
+        w = d["worst_case"]
+        worst = WorstCase(w.get("eps", d.get("eps")), w["robust_acc"], w.get("attacks", list(ev.attacks)),
+                          mask_from_str(w.get("robust_mask")))
+        ec, sc = dict(d["eps_curve"]), dict(d["steps_curve"])
+        return cls(evaluation=ev, suite=d.get("suite", d.get("budget", "?")), budget=d.get("budget_settings", {}),
+                   model=d.get("model", "?"), is_abnn=d.get("is_abnn", False), substitute_stats=d.get("substitute_stats"),
+                   input_shape=d.get("input_shape", []), num_classes=d.get("num_classes", 0), worst=worst,
+                   recheck_acc=w.get("recheck_acc"), broken_only_by=w.get("broken_only_by", {}),
+                   masking=d.get("masking", {}),
+                   eps_curve=Curve(ec.pop("eps_255"), ec.pop("robust_acc"), ec),
+                   steps_curve=Curve(sc.pop("steps"), sc.pop("robust_acc"), sc),
+                   gradients=d["gradients"], batch_checks=d.get("batch_checks"), robust_acc=d["robust_acc"],
+                   flags=list(d["flags"]), verdict=d["verdict"], generated=d.get("generated", "?"))
