@@ -19,7 +19,7 @@ from typing import Sequence
 
 from ..config import TrainConfig, run_identity, write_json_atomic
 from ..data import load_dataset
-from ..runs import load_run, read_json, recorded_differences
+from ..runs import load_run, read_json, recorded_differences, run_lock
 from .schedule import Stage
 from .table1 import _finished_train, _job_train, _log, _weight
 
@@ -95,18 +95,19 @@ def job_eval(run: Path, spec: StudyEval, data_root: str | None, device: str, for
     done = None if force else finished_eval(run, spec)
     if done is not None:
         return done
-    model, cfg = load_run(run, device=device)
-    data = load_dataset(cfg.dataset, "test", data_root or cfg.data_root).subset(spec.n_eval)
-    _log(f"{run.name}: evaluating {', '.join(spec.attacks)} on {len(data)} test images")
-    t0 = time.perf_counter()
-    res = run_attacks(model, data, list(spec.attacks), batch_size=spec.batch_size, device=device, seed=spec.seed,
-                      progress=progress, progress_dir=run / "eval_strong-progress", identity=run_identity(cfg))
-    out = {"spec": spec.key(), "n_eval": len(data), "clean_acc": res.clean_acc,
-           "robust_acc": {name: a.robust_acc for name, a in res.attacks.items()},
-           "worst_case_acc": res.worst_case().robust_acc, "seconds": time.perf_counter() - t0,
-           "result": res.to_dict()}
-    write_json_atomic(run / EVAL_FILE, out)
-    return out
+    with run_lock(run):  # one writer per run folder
+        model, cfg = load_run(run, device=device)
+        data = load_dataset(cfg.dataset, "test", data_root or cfg.data_root).subset(spec.n_eval)
+        _log(f"{run.name}: evaluating {', '.join(spec.attacks)} on {len(data)} test images")
+        t0 = time.perf_counter()
+        res = run_attacks(model, data, list(spec.attacks), batch_size=spec.batch_size, device=device, seed=spec.seed,
+                          progress=progress, progress_dir=run / "eval_strong-progress", identity=run_identity(cfg))
+        out = {"spec": spec.key(), "n_eval": len(data), "clean_acc": res.clean_acc,
+               "robust_acc": {name: a.robust_acc for name, a in res.attacks.items()},
+               "worst_case_acc": res.worst_case().robust_acc, "seconds": time.perf_counter() - t0,
+               "result": res.to_dict()}
+        write_json_atomic(run / EVAL_FILE, out)
+        return out
 
 
 def eval_stages(points: Sequence[TrainPoint], spec: StudyEval, data_root: str | None, device: str, *,

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..config import TrainConfig, write_json_atomic
 from ..data import BatchLoader, load_dataset, resolve_data_root
-from ..runs import load_run, read_json
+from ..runs import load_run, read_json, run_lock
 from ..training.loop import software_versions
 from .frontier import study_eval
 from .presets import Table1Preset
@@ -158,22 +158,23 @@ def job_analysis(run: Path, val_dataset: str, n_eval: int, batch_size: int, seed
     path = run / SHIFT_FILE
     if path.is_file() and not force and read_json(path).get("key") == key:
         return read_json(path)
-    model, cfg = load_run(run, device=device)
-    data = load_dataset(cfg.dataset, "test", data_root or cfg.data_root).subset(n_eval)
-    attack = build_attack("pgd", model, seed=seed)
-    sums: dict = {}
-    for x, y in BatchLoader(data, batch_size, device=device):
-        part = statistics_shift(model, x, attack(x, y))
-        for who, d in part.items():
-            for m, vals in d.items():
-                acc = sums.setdefault(who, {}).setdefault(m, [0.0] * len(vals))
-                for j, v in enumerate(vals):
-                    acc[j] += v * len(y)
-    shift = {who: {m: [v / len(data) for v in vals] for m, vals in d.items()} for who, d in sums.items()}
-    res = {"key": key, "attack": repr(attack), "n": len(data), "stages": list(model.target_stages), **shift,
-           "substitute_val_acc": substitute_accuracy(model, val_dataset, data_root or cfg.data_root, device)}
-    write_json_atomic(path, res)
-    return res
+    with run_lock(run):  # one writer per run folder
+        model, cfg = load_run(run, device=device)
+        data = load_dataset(cfg.dataset, "test", data_root or cfg.data_root).subset(n_eval)
+        attack = build_attack("pgd", model, seed=seed)
+        sums: dict = {}
+        for x, y in BatchLoader(data, batch_size, device=device):
+            part = statistics_shift(model, x, attack(x, y))
+            for who, d in part.items():
+                for m, vals in d.items():
+                    acc = sums.setdefault(who, {}).setdefault(m, [0.0] * len(vals))
+                    for j, v in enumerate(vals):
+                        acc[j] += v * len(y)
+        shift = {who: {m: [v / len(data) for v in vals] for m, vals in d.items()} for who, d in sums.items()}
+        res = {"key": key, "attack": repr(attack), "n": len(data), "stages": list(model.target_stages), **shift,
+               "substitute_val_acc": substitute_accuracy(model, val_dataset, data_root or cfg.data_root, device)}
+        write_json_atomic(path, res)
+        return res
 
 
 def run_substitute_study(preset: Table1Preset, out: str | Path, *, table1_dir: str | Path | None = None,

@@ -19,7 +19,7 @@ from ..config import TrainConfig, write_json_atomic
 from ..data import load_dataset
 from ..evaluation import run_attacks
 from ..files import ensure_writable
-from ..runs import check_same_run, load_run, read_json
+from ..runs import check_same_run, load_run, read_json, run_lock
 from ..training import train
 from ..training.checkpoint import save_atomic
 from ..training.loop import software_versions
@@ -76,17 +76,19 @@ def _stage_eval(run: Path, preset, data_root: str | None, device: str, *, force:
     done = None if force else _finished_eval(run, preset)
     if done is not None:
         return done
-    model, _ = load_run(run, device=device)
-    data = load_dataset(preset.dataset, "test", data_root).subset(preset.n_eval)
-    _log(f"{run.name}: evaluating clean, {', '.join(n.upper() for n in opts)} on {len(data)} test samples")
-    ev = run_attacks(model, data, [AttackSpec(name, o, label=name) for name, o in opts.items()], device=device,
-                     batch_size=preset.eval_batch_size, seed=preset.seed, progress=progress)
-    res = {"n_eval": ev.n_eval, "clean_acc": ev.clean_acc, "robust_acc": {k: r.robust_acc for k, r in ev.attacks.items()},
-           "attacks": {k: r.settings for k, r in ev.attacks.items()},
-           "attack_seconds": {k: r.seconds for k, r in ev.attacks.items()},
-           "seconds": ev.seconds, "attack_options": opts, "seed": preset.seed}
-    write_json_atomic(out, res)
-    return res
+    with run_lock(run):  # one writer per run folder
+        model, _ = load_run(run, device=device)
+        data = load_dataset(preset.dataset, "test", data_root).subset(preset.n_eval)
+        _log(f"{run.name}: evaluating clean, {', '.join(n.upper() for n in opts)} on {len(data)} test samples")
+        ev = run_attacks(model, data, [AttackSpec(name, o, label=name) for name, o in opts.items()], device=device,
+                         batch_size=preset.eval_batch_size, seed=preset.seed, progress=progress)
+        res = {"n_eval": ev.n_eval, "clean_acc": ev.clean_acc,
+               "robust_acc": {k: r.robust_acc for k, r in ev.attacks.items()},
+               "attacks": {k: r.settings for k, r in ev.attacks.items()},
+               "attack_seconds": {k: r.seconds for k, r in ev.attacks.items()},
+               "seconds": ev.seconds, "attack_options": opts, "seed": preset.seed}
+        write_json_atomic(out, res)
+        return res
 
 
 def _examples(out: Path, preset, data_root: str | None, device: str) -> Path:
