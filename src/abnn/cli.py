@@ -143,15 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="reproduce a table of the paper in one command",
                        description="Run a whole table: substitute, every method, evaluation, report.md, results.json, "
                                    "figures. Finished stages are reused (resumable); --force redoes them.")
-    p.add_argument("table", choices=("table1", "table2", "table3", "video", "frontier", "substitute-study"),
+    p.add_argument("table", choices=("table1", "table2", "table3", "video", "frontier", "substitute-study", "studies"),
                    help="table1: CIFAR-10 PGD; table2/table3/video: UCF-101 PGD and ROA (one run makes both); "
                         "frontier: clean and worst-case accuracy against training cost (no defense, ABNN, Fast-AT, "
                         "PGD-AT at the preset's and at ABNN's training time); substitute-study: ABNN with "
-                        "substitutes of increasing strength (both on the Table 1 preset)")
+                        "substitutes of increasing strength (both on the Table 1 preset); studies: both, in one "
+                        "schedule that trains their shared models once (OUT/frontier, OUT/substitute-study)")
     p.add_argument("--preset", default="cpu", choices=("smoke", "cpu", "paper"),
                    help="smoke: minutes, tiny; cpu: about 2 h on 2 cores (table1 only); paper: full scale, GPU + network")
     p.add_argument("--out", default=None, help="output folder (default out/<table>-<preset>)")
     p.add_argument("--force", action="store_true", help="redo finished stages")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a preset field (repeatable), e.g. --set epochs=2 --set amp=bf16; recorded in "
+                        "preset.json, results.json and the report")
     p.add_argument("--table1-out", default=None, metavar="DIR",
                    help="frontier / substitute-study: reuse the finished stages of this Table 1 reproduction when "
                         "their settings match (default out/table1-<preset> when it exists)")
@@ -346,18 +350,32 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
     import torch
 
     from .reproduce import get_preset, get_video_preset, run_table1, run_video_tables
+    from .reproduce.presets import apply_overrides
     from .training import resolve_device
 
     if a.threads:
         torch.set_num_threads(a.threads)
     command = "abnn " + " ".join(shlex.quote(s) for s in sys.argv[1:]) if sys.argv[0].endswith("abnn") else ""
+    if a.table == "studies":
+        from .reproduce.frontier import study_settings
+        from .reproduce.studies import run_studies
+
+        preset = apply_overrides(get_preset(a.preset), a.overrides)
+        study_settings(preset)
+        out = a.out or f"out/studies-{a.preset}"
+        both = run_studies(preset, out, data_root=a.data_root, device=str(resolve_device(a.device)), force=a.force,
+                           progress=not a.no_progress, command=command, jobs=a.jobs, threads=a.threads)
+        print(json.dumps({"out": out, "frontier": f"{out}/frontier/report.md",
+                          "substitute_study": f"{out}/substitute-study/report.md",
+                          "records": len(both["frontier"]["records"]) + len(both["substitute_study"]["records"])}))
+        return 0
     if a.table in ("frontier", "substitute-study"):
         from pathlib import Path
 
         from .reproduce.frontier import run_frontier, study_settings
         from .reproduce.substitute_study import run_substitute_study
 
-        preset = get_preset(a.preset)
+        preset = apply_overrides(get_preset(a.preset), a.overrides)
         study_settings(preset)
         out = a.out or f"out/{a.table}-{a.preset}"
         table1 = a.table1_out or (f"out/table1-{a.preset}" if Path(f"out/table1-{a.preset}").is_dir() else None)
@@ -368,7 +386,7 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
             "name": r.get("name") or r.get("label")} for r in res["records"]]}))
         return 0
     if a.table == "table1":
-        preset = get_preset(a.preset)
+        preset = apply_overrides(get_preset(a.preset), a.overrides)
         if preset.substitute_source != "pretrain" or preset.full_cifar10:
             _check_network_for(preset, "torchvision's ImageNet VGG-19-BN weights and the full CIFAR-10")
         out = a.out or f"out/table1-{a.preset}"
@@ -376,7 +394,7 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
                          progress=not a.no_progress, command=command, jobs=a.jobs, threads=a.threads)
         return _print_records(out, res)
     else:
-        preset = get_video_preset(a.preset)
+        preset = apply_overrides(get_video_preset(a.preset), a.overrides)
         if preset.dataset == "ucf101":
             from .data import resolve_ucf101_root
 

@@ -56,19 +56,21 @@ class Table1Preset:
     seed: int = 0
     n_examples: int = 6
     dataset: str = "cifar10"
+    amp: str = "auto"                             # training precision of every stage (evaluation stays float32)
     extra: dict = field(default_factory=dict)
+    overrides: tuple[str, ...] = ()               # the --set KEY=VALUE that made this preset from the named one
 
     def substitute_config(self) -> TrainConfig:
         return TrainConfig(method="standard", dataset="tinyimagenet32", arch="vgg19_bn", width=self.substitute_width,
                            epochs=self.substitute_epochs, batch_size=self.batch_size, lr=self.substitute_lr,
-                           seed=self.seed, train_size=self.substitute_train_size, val_size=None)
+                           seed=self.seed, train_size=self.substitute_train_size, val_size=None, amp=self.amp)
 
     def method_config(self, method: str, substitute: str | None) -> TrainConfig:
         return TrainConfig(method=method, dataset="cifar10", arch="resnet18_cifar", width=self.width,
                            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
                            train_size=self.train_size, val_size=self.val_size, at_steps=self.at_steps,
                            substitute=substitute if method == "abnn" else None,
-                           full_cifar10=self.full_cifar10)
+                           substitute_width=self.substitute_width, full_cifar10=self.full_cifar10, amp=self.amp)
 
     def attack_options(self) -> dict:
         """The paper's evaluation attacks for images (METHOD.md s. 4)."""
@@ -137,6 +139,7 @@ class VideoPreset:
     roa_positions: str = "random"
     seed: int = 0
     n_examples: int = 2
+    overrides: tuple[str, ...] = ()               # the --set KEY=VALUE that made this preset from the named one
 
     def method_config(self, method: str) -> TrainConfig:
         return TrainConfig(method=method, dataset=self.dataset, arch=self.arch, width=self.width, epochs=self.epochs,
@@ -168,6 +171,50 @@ VIDEO_PRESETS: dict[str, VideoPreset] = {
         epochs=60, lr=0.01, batch_size=16, val_size=0, n_eval=3783, eval_batch_size=8,
     ),
 }
+
+
+def _parse(key: str, text: str, annotation: str):
+    """A --set value as the preset field's type (types are strings: ``from __future__ import
+    annotations``).  Floats accept fractions such as ``8/255``; ``none`` clears an optional field."""
+    if "None" in annotation and text.lower() == "none":
+        return None
+    kind = annotation.split("|")[0].strip()
+    try:
+        if kind == "bool":
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1")
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            num, _, den = text.partition("/")
+            return float(num) / float(den) if den else float(num)
+        if kind.startswith("tuple"):
+            return tuple(v.strip() for v in text.split(",") if v.strip())
+        if kind == "str":
+            return text
+    except ValueError:
+        raise AbnnError(f"--set {key}={text}: expected {annotation}") from None
+    raise AbnnError(f"--set {key}: this field ({annotation}) cannot be set from the command line")
+
+
+def apply_overrides(preset, pairs: list[str] | tuple[str, ...]):
+    """The preset with ``--set KEY=VALUE`` overrides applied and recorded in its ``overrides``
+    field (and so in preset.json, results.json and the report)."""
+    if not pairs:
+        return preset
+    fields = {f.name: f for f in dataclasses.fields(preset) if f.name not in ("name", "description", "overrides")}
+    changes = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            raise AbnnError(f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
+        changes[key] = _parse(key, text.strip(), str(fields[key].type))
+    new = dataclasses.replace(preset, **changes, overrides=tuple(preset.overrides) + tuple(pairs))
+    for method in new.methods:  # a bad value fails here, in one line, before anything runs
+        (new.method_config(method, "random") if isinstance(new, Table1Preset) else new.method_config(method)).validate()
+    return new
 
 
 def get_video_preset(name: str) -> VideoPreset:

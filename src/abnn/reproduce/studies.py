@@ -1,0 +1,86 @@
+"""Both studies in one scheduled run: the frontier and the substitute study share their trainings.
+
+``abnn reproduce studies`` plans every stage of :mod:`.frontier` and :mod:`.substitute_study`
+as one graph, so that the substitute and ABNN models they have in common train once and all
+trainings and evaluations keep every core busy; it then writes both reports (each study's own
+pipeline, which finds every stage finished and reuses it in place).  The layout is::
+
+    OUT/frontier/            substitute, standard, abnn, fast-at, pgd-at, pgd-at-matched, report
+    OUT/substitute-study/    the other substitutes and their ABNN models, report
+
+The substitute study reuses ``OUT/frontier/substitute`` and ``OUT/frontier/abnn`` as its
+``tiny`` point exactly as it reuses a Table 1 reproduction (``--table1-out``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from .frontier import frontier_points, run_frontier, study_eval
+from .presets import Table1Preset
+from .schedule import Stage, plan_workers, run_stages
+from .stages import TrainPoint, eval_stages, train_stages, with_progress
+from .substitute_study import abnn_point, job_analysis, run_substitute_study, substitutes
+from .table1 import _log
+
+
+def study_points(preset: Table1Preset, out: Path, data_root: str | None, device: str
+                 ) -> tuple[list[TrainPoint], list[tuple[TrainPoint, str]]]:
+    """Every training point of both studies, the shared ones once, and the ABNN points with the
+    dataset their substitute's accuracy is measured on."""
+    fr_dir = out / "frontier"
+    points = frontier_points(preset, fr_dir, None, data_root, device)
+    by = {p.name: p for p in points}
+    subs, sub_points = substitutes(preset, out / "substitute-study", None, data_root, device)
+    tiny = next(s for s in subs if s.name == "tiny")
+    subs = [dataclasses.replace(s, spec=str(by["substitute"].run)) if s is tiny else s for s in subs]
+    rename = {"sub:tiny": "substitute", "abnn:tiny": "abnn"}
+    points += [p for p in sub_points if p.name not in rename]
+    analysed = [(by["abnn"], tiny.val_dataset)]
+    for s in subs:
+        if s.name == "tiny":
+            continue
+        p = abnn_point(preset, s, out / "substitute-study", None, data_root, device)
+        p.after = tuple(rename.get(a, a) for a in p.after)
+        points.append(p)
+        analysed.append((p, s.val_dataset))
+    return points, analysed
+
+
+def run_studies(preset: Table1Preset, out: str | Path, *, data_root: str | None = None, device: str = "cpu",
+                force: bool = False, progress: bool = True, command: str = "", jobs: int | None = None,
+                threads: int | None = None) -> dict:
+    """Train and evaluate every point of both studies in one schedule, then write both reports."""
+    from .frontier import _job_matched
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    points, analysed = study_points(preset, out, data_root, device)
+    by = {p.name: p for p in points}
+    matched = by["pgd-at-matched"]
+    stages, done = train_stages([p for p in points if p is not matched], force=force)
+    if force or not matched.is_finished():
+        stages.append(Stage("pgd-at-matched", _job_matched,
+                            (matched.run, matched.cfg, by["abnn"].run, by["pgd-at"].run, force),
+                            after=tuple(n for n in ("abnn", "pgd-at") if n not in done), weight=2.0))
+    spec = study_eval(preset)
+    models = [p for p in points if p.name != "substitute" and not p.name.startswith("sub:")]
+    ev, ev_done = eval_stages(models, spec, data_root, device, force=force)
+    stages += ev
+    done.update(ev_done)
+    stages += [Stage(f"analysis:{p.name}", job_analysis,
+                     (p.run, val, spec.n_eval, spec.batch_size, spec.seed, data_root, device, force),
+                     after=(p.name,) if p.name not in done else (), weight=0.2) for p, val in analysed]
+    workers, per_stage = plan_workers(jobs, threads, stages)
+    with_progress([s for s in stages if not s.name.startswith("analysis:")], workers, progress)
+    _log(f"studies: {len(stages)} stages to run, {len(done)} reused; {workers} at a time, {per_stage} thread(s) each")
+    run_stages(stages, workers=workers, threads=per_stage, done=done,
+               on_done=lambda name, _: _log(f"stage {name} done"))
+    kw = dict(data_root=data_root, device=device, progress=progress, command=command, jobs=1, threads=per_stage)
+    frontier = run_frontier(preset, out / "frontier", **kw)
+    study = run_substitute_study(preset, out / "substitute-study", table1_dir=out / "frontier", **kw)
+    _log(f"studies: {time.perf_counter() - t_start:.0f} s in this call")
+    return {"frontier": frontier, "substitute_study": study}
