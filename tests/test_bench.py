@@ -61,3 +61,17 @@ def test_bench_video_step_reduced_models():
     res = bench_video_step(full=False, frames=4, steps=1, progress=False)
     sec = res["reduced"]["seconds_per_step"]
     assert sec["standard"] > 0 and sec["abnn"] > 0 and res["reduced"]["ratio_abnn_over_standard"] > 0
+
+
+def test_bench_compare_amp_reports_float32_and_bf16_side_by_side(capsys):
+    args = ["bench", "throughput", "--compare-amp", "--width", "0.0625", "--substitute-width", "0.0625",
+            "--batch-size", "4", "--steps", "1", "--warmup", "0", "--device", "cpu", "--no-progress", "--threads", "1"]
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["benchmark"] == "precision" and res["modes"] == ["float32", "bfloat16"]
+    for part in ("train", "inference"):
+        assert set(res[part]) == {"standard", "abnn"}
+        for m in ("standard", "abnn"):
+            assert set(res[part][m]) == {"float32", "bfloat16"}
+            assert all(v["images_per_s"] > 0 for v in res[part][m].values())
+    assert set(res["speedup_over_float32_cpu_time"]["train"]["abnn"]) == {"bfloat16"}

@@ -281,16 +281,10 @@ def bench_throughput(*, width: float = 0.25, substitute_width: float = 0.25, bat
                     for m, (w, c) in timed.items()}
 
     # -- inference --------------------------------------------------------------------------------
-    def infer(model: nn.Module):
-        def run() -> None:
-            with torch.no_grad(), (torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None
-                                   else contextlib.nullcontext()):
-                model(x)
-        return run
-
     for model in models.values():
         model.eval()
-    timed = _rounds({k: infer(mdl) for k, mdl in models.items()}, max(rounds, 3), warmup, dev, progress, "inference")
+    timed = _rounds({k: _inference_fn(mdl, x, amp_dtype, dev) for k, mdl in models.items()}, max(rounds, 3), warmup,
+                    dev, progress, "inference")
     res["inference"] = {k: {"images_per_s": batch_size / med(w), "ms_per_batch": 1000 * med(w)} for k, (w, c) in timed.items()}
 
     # -- attack -----------------------------------------------------------------------------------
@@ -341,6 +335,75 @@ def bench_throughput(*, width: float = 0.25, substitute_width: float = 0.25, bat
     if out:
         write_json_atomic(Path(out), res)
     return res
+
+
+def bench_precision(*, width: float = 0.25, substitute_width: float = 0.25, batch_size: int = 128, iters: int = 3,
+                    warmup: int = 1, at_steps: int = 5, encoder: str = "flatten",
+                    methods: tuple[str, ...] = ("standard", "abnn"), modes: tuple[str, ...] = ("off", "bf16"),
+                    device: str = "cpu", seed: int = 0, out: str | Path | None = None, progress: bool = True) -> dict:
+    """float32 and mixed precision side by side (``abnn bench throughput --compare-amp``).
+
+    For every method and every ``--amp`` mode in ``modes``: training images/s of a full
+    :class:`~abnn.training.TrainStep`, and inference images/s of each model (an eval-mode forward
+    without gradients, under the mode's autocast).  Every (method, mode) pair is timed in the
+    same interleaved rounds on the same batch, so background load hits them alike; wall-clock and
+    process CPU time are both recorded (``*_cpu`` figures: images per CPU second, which other
+    jobs on the machine distort far less than wall time when running one thread)."""
+    dev = torch.device(device)
+    dtypes = {mode: resolve_amp(mode, dev) for mode in modes}
+    label = {mode: str(dt).replace("torch.", "") if dt is not None else "float32" for mode, dt in dtypes.items()}
+    torch.manual_seed(seed)
+    x = torch.rand(batch_size, 3, 32, 32, device=dev)
+    y = torch.randint(0, 10, (batch_size,), device=dev)
+    rounds = max(iters, 1)
+    train_fns, infer_fns = {}, {}
+    for m in methods:
+        for mode, dt in dtypes.items():
+            torch.manual_seed(seed)  # the same initial weights for every mode
+            model = _build(m, width, substitute_width, encoder, dev).train()
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
+                                  weight_decay=5e-4)
+            step = TrainStep(model, batch_loss_for(TrainConfig(method=m, at_steps=at_steps)), opt, amp_dtype=dt,
+                             device_type=dev.type)
+            train_fns[(m, label[mode])] = lambda s=step: s(x, y)
+            infer_fns[(m, label[mode])] = _inference_fn(model, x, dt, dev)
+    timed_train = _rounds(train_fns, rounds, warmup, dev, progress, "train")
+    timed_infer = _rounds(infer_fns, max(rounds, 3), warmup, dev, progress, "inference")
+
+    def rates(walls: list[float], cpus: list[float]) -> dict:
+        w, c = statistics.median(walls), statistics.median(cpus)
+        return {"images_per_s": batch_size / w, "images_per_cpu_s": batch_size / c if c > 0 else None,
+                "ms_per_batch": 1000 * w, "cpu_ms_per_batch": 1000 * c}
+
+    res: dict = {
+        "benchmark": "precision", "device": str(dev), "threads": torch.get_num_threads(), "batch_size": batch_size,
+        "target": f"resnet18_cifar width {width}", "substitute": f"vgg19_bn width {substitute_width}",
+        "encoder": encoder, "rounds": rounds, "warmup": warmup, "modes": [label[m] for m in modes],
+        "train": {m: {lab: rates(*timed_train[(m, lab)]) for lab in label.values()} for m in methods},
+        "inference": {m: {lab: rates(*timed_infer[(m, lab)]) for lab in label.values()} for m in methods},
+        "note": ("inference rows: ResNet-18 for standard, ABNN (target + substitute) for abnn; evaluation in abnn "
+                 "always runs in float32, the mixed-precision inference figures only show what it would gain"),
+    }
+    if "float32" in label.values():
+        res["speedup_over_float32_cpu_time"] = {
+            part: {m: {lab: v["images_per_cpu_s"] / res[part][m]["float32"]["images_per_cpu_s"]
+                       for lab, v in res[part][m].items() if lab != "float32" and v["images_per_cpu_s"]}
+                   for m in methods} for part in ("train", "inference")}
+    if out:
+        write_json_atomic(Path(out), res)
+    return res
+
+
+def _inference_fn(model: nn.Module, x: torch.Tensor, amp_dtype: torch.dtype | None, dev: torch.device):
+    """An eval-mode forward without gradients, under autocast with ``amp_dtype`` when set."""
+    def run() -> None:
+        was = model.training
+        model.eval()
+        with torch.no_grad(), (torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None
+                               else contextlib.nullcontext()):
+            model(x)
+        model.train(was)
+    return run
 
 
 def bench_video_step(*, full: bool = True, batch_sizes: tuple[int, ...] = (1, 2), frames: int = 40,

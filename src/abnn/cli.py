@@ -181,13 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--at-steps", type=int, default=5, help="PGD-AT attack steps inside training (default 5)")
     p.add_argument("--encoder", choices=("flatten", "pooled"), default="flatten")
-    p.add_argument("--methods", default="standard,abnn,pgd-at")
+    p.add_argument("--methods", default=None, help="comma-separated (default standard,abnn,pgd-at)")
     p.add_argument("--attack-steps", type=int, default=10, help="throughput: PGD steps per attack call (default 10)")
     p.add_argument("--compare-torchattacks", action="store_true",
                    help="throughput: also time torchattacks' PGD on the same model and batch, report our/their time ratio")
     p.add_argument("--amp", choices=AMP_MODES, default="auto",
                    help="throughput: mixed precision as in `abnn train --amp` (default auto: on for CUDA only)")
     p.add_argument("--channels-last", action="store_true", help="throughput: channels-last memory format")
+    p.add_argument("--compare-amp", action="store_true",
+                   help="throughput: float32 and --amp bf16 side by side instead (training images/s per method, "
+                        "inference images/s; wall and CPU time); --methods defaults to standard,abnn")
     p.add_argument("--out", default=None, help="JSON output file")
     _add_common(p)
     p.set_defaults(func=cmd_bench)
@@ -434,7 +437,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
+    default_methods = "standard,abnn" if a.compare_amp else "standard,abnn,pgd-at"
+    methods = tuple(m.strip() for m in (a.methods or default_methods).split(",") if m.strip())
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise AbnnError(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
@@ -447,6 +451,14 @@ def cmd_bench(a: argparse.Namespace) -> int:
         from .benchmark import bench_video_step
 
         res = bench_video_step(device=str(resolve_device(a.device)), out=a.out, progress=not a.no_progress)
+        print(json.dumps(res, indent=2))
+        return 0
+    if a.what == "throughput" and a.compare_amp:
+        from .benchmark import bench_precision
+
+        res = bench_precision(width=width, substitute_width=sub_width, batch_size=a.batch_size, iters=a.steps,
+                              warmup=a.warmup, at_steps=a.at_steps, encoder=a.encoder, methods=methods,
+                              device=str(resolve_device(a.device)), out=a.out, progress=not a.no_progress)
         print(json.dumps(res, indent=2))
         return 0
     if a.what == "throughput":
