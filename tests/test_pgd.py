@@ -200,3 +200,41 @@ def test_pgd_returns_the_first_fooling_iterate():
     assert _acc(model, first, y) == 0.0 and torch.allclose(first, x + a)
     with_restarts = PGD(model, eps=2 * a, alpha=a, steps=2, restarts=2, seed=0)(x, y)
     assert _acc(model, with_restarts, y) <= _acc(model, x, y)
+
+
+def _recording_input_grads(monkeypatch) -> list:
+    """Every input gradient PGD computes, in call order, with the dtype of the logits it came from
+    (the input gradient of a float32 input is float32 either way: the logits show the arithmetic)."""
+    grads: list = []
+    original = PGD.input_grad
+
+    def spy(self, x, y):
+        grad, logits = original(self, x, y)
+        grads.append((grad, logits.dtype))
+        return grad, logits
+
+    monkeypatch.setattr(PGD, "input_grad", spy)
+    return grads
+
+
+def test_pgd_inside_bf16_training_autocast_keeps_float32_input_gradients(trained_tiny, monkeypatch):
+    """An evaluation attack called inside a bf16 autocast region (a training step's) switches
+    autocast off: float32 gradients, equal to those of a float32 run; ``amp`` opts in to bf16,
+    as PGD-AT's training attack does (pgd_at_loss passes the step's autocast dtype on)."""
+    from abnn.training.loop import pgd_at_loss
+
+    model, x, y = trained_tiny
+    grads = _recording_input_grads(monkeypatch)
+    plain = PGD(model, steps=3, seed=0)(x, y)
+    reference = list(grads)
+    grads.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = PGD(model, steps=3, seed=0)(x, y)
+    assert [(g.dtype, dt) for g, dt in grads] == [(torch.float32, torch.float32)] * 3
+    for (g, _), (ref, _) in zip(grads, reference):
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7)
+    assert torch.equal(inside, plain)
+    grads.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # PGD-AT: the attack runs under the step's bf16
+        pgd_at_loss(8 / 255, 2 / 255, 1)(model, x, y)
+    assert [dt for _, dt in grads] == [torch.bfloat16]

@@ -192,7 +192,8 @@ class TrainStep:
 @torch.no_grad()
 def accuracy(model: nn.Module, data, batch_size: int, device: torch.device, *,
              amp_dtype: torch.dtype | None = None) -> float:
-    """Clean top-1 accuracy (model put in eval mode, previous mode restored)."""
+    """Clean top-1 accuracy (model put in eval mode, previous mode restored), in float32 unless
+    ``amp_dtype`` asks for autocast (training validates in float32 whatever its ``--amp``)."""
     was = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -512,7 +513,7 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
         else:
             tot_loss, tot_correct, tot_seen = loss_sum.item(), correct.item(), seen
         if ctx.is_main:
-            val_acc = accuracy(model, val_data, 256, device, amp_dtype=amp_dtype) if val_data is not None else None
+            val_acc = accuracy(model, val_data, 256, device) if val_data is not None else None  # float32, as every evaluation
             record = {"epoch": epoch + 1, "step": step, "train_loss": tot_loss / max(tot_seen, 1),
                       "train_acc": tot_correct / max(tot_seen, 1), "val_acc": val_acc, "lr": sched.get_last_lr()[0],
                       "epoch_seconds": epoch_seconds, "cost_N_per_step": counter.per_step()}
