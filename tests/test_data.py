@@ -87,3 +87,41 @@ def test_reference_resnet20_loads_and_is_accurate(data_root):
     with torch.no_grad():
         acc = (model(data.x.float() / 255).argmax(1) == data.y).float().mean().item()
     assert acc > 0.88
+
+
+@pytest.mark.parametrize("clips", [False, True])
+def test_on_device_loader_yields_the_same_batches(fake_data_root, clips):
+    """The on-device path (split resident on the device, gather/crop/flip there) draws from the
+    same CPU generators as the host path: same seed, same epoch, same batches, bit for bit."""
+    from abnn.data.datasets import ImageData
+
+    data = load_cifar10("train", fake_data_root)
+    if clips:  # (N, C, T, H, W): the per-clip flip path
+        data = ImageData(data.x[:, :, None].expand(-1, -1, 2, -1, -1).contiguous(), data.y, 10, "clips")
+    kw = dict(shuffle=True, augment=True, drop_last=True, seed=3, rank=1, world_size=2)
+    host, dev = BatchLoader(data, 8, **kw), BatchLoader(data, 8, on_device=True, **kw)
+    for epoch in (0, 1):
+        host.set_epoch(epoch)
+        dev.set_epoch(epoch)
+        pairs = list(zip(host, dev, strict=True))
+        assert len(pairs) == len(host) == 8
+        for (xh, yh), (xd, yd) in pairs:
+            assert torch.equal(xh, xd) and torch.equal(yh, yd) and xd.dtype == torch.float32
+    assert dev._resident is not None and host._resident is None
+
+
+def test_train_data_on_device_flag_trains_the_same_weights(fake_data_root, tmp_path, capsys):
+    """`abnn train --data-on-device` (execution only) trains bit-identical weights on the CPU."""
+    import json
+
+    from abnn.cli import main
+
+    states = []
+    for extra in ([], ["--data-on-device"]):
+        run = tmp_path / f"r{len(extra)}"
+        assert main(["train", "--out", str(run), "--width", "0.0625", "--epochs", "1", "--batch-size", "16",
+                     "--val-size", "0", "--max-steps", "2", "--data-root", str(fake_data_root), "--no-progress",
+                     "--device", "cpu", *extra]) == 0
+        assert json.loads((run / "config.json").read_text())["data_on_device"] == bool(extra)
+        states.append(torch.load(run / "model.pt", weights_only=True))
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -53,7 +53,7 @@ def test_execution_only_settings_are_the_documented_few():
     """Every field defines the run unless it is marked execution-only: a new field defines it by default."""
     execution = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("execution")}
     assert execution == {"device", "data_root", "num_threads", "channels_last", "compile", "sync_bn",
-                         "checkpoint_every"}
+                         "checkpoint_every", "data_on_device"}
     assert set(defining_fields()) == {f.name for f in dataclasses.fields(TrainConfig)} - execution
     assert {"lr", "augment", "val_size", "at_steps", "substitute", "amp"} <= set(defining_fields())
     assert EXECUTION["execution"] is True

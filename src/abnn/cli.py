@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "off on CPU), off, bf16, fp16; PGD-AT's attack runs under the same autocast")
     g.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster convolutions on GPUs)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (first steps are slow while it compiles)")
+    g.add_argument("--data-on-device", action="store_true",
+                   help="keep the uint8 training images on the device and crop/flip batches there (GPUs: the loader "
+                        "keeps up); exactly the same batches as without")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="clean and robust accuracy of a finished run",
@@ -250,7 +253,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         substitute_arch=a.substitute_arch, in_domain_substitute=a.allow_in_domain_substitute,
         substitute_taps=a.substitute_taps.split(",") if a.substitute_taps else None,
         fast_at_alpha=a.fast_at_alpha, robust_val_size=a.robust_val_size, keep_best=a.keep_best,
-        amp=a.amp, channels_last=a.channels_last, compile=a.compile, sync_bn=not a.no_sync_bn,
+        amp=a.amp, channels_last=a.channels_last, compile=a.compile, data_on_device=a.data_on_device,
+        sync_bn=not a.no_sync_bn,
         checkpoint_every=a.checkpoint_every,
     )
     if a.nproc is not None and a.nproc < 1:

@@ -53,7 +53,8 @@ class TrainConfig:
     precision (``amp``: bf16/fp16 change the numbers trained; ``auto`` is recorded as written
     and resolves per device).  Execution only (:data:`EXECUTION`): ``device``, ``data_root``,
     ``num_threads``, ``channels_last`` and ``compile`` (the same arithmetic in another kernel
-    order: float rounding, like the thread count), ``sync_bn`` (distributed runs, like the
+    order: float rounding, like the thread count), ``data_on_device`` (the same batches, made on
+    the device), ``sync_bn`` (distributed runs, like the
     process count, which a resume may also change) and ``checkpoint_every``.
     """
 
@@ -101,6 +102,8 @@ class TrainConfig:
     num_threads: int | None = field(default=None, metadata={**EXECUTION, "flag": "--threads"})
     channels_last: bool = field(default=False, metadata=EXECUTION)   # channels-last memory format
     compile: bool = field(default=False, metadata=EXECUTION)         # torch.compile the model
+    # keep the uint8 training split on the device, gather/crop/flip there (the same batches)
+    data_on_device: bool = field(default=False, metadata=EXECUTION)
     sync_bn: bool = field(default=True, metadata={**EXECUTION, "flag": "--no-sync-bn"})  # distributed: SyncBN
     checkpoint_every: int | None = field(default=None, metadata=EXECUTION)  # also every N steps mid-epoch
 

@@ -362,7 +362,8 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     loader = BatchLoader(train_data, per_rank_batch, shuffle=True, augment=cfg.augment, drop_last=True,
-                         seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, device=device)
+                         seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, device=device,
+                         on_device=cfg.data_on_device)
     if ctx.enabled and not isinstance(train_data, ImageData):
         raise AbnnError(f"distributed training of {cfg.dataset} (a streamed dataset) is not supported; "
                         "train it with one process")
