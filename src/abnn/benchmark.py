@@ -72,7 +72,7 @@ def _child_step_memory(kind: str, kwargs: dict, threads: int) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     if kind == "image":
-        model = _build(kwargs["method"], kwargs["width"], kwargs["substitute_width"], kwargs["encoder"],
+        model = build_image_model(kwargs["method"], kwargs["width"], kwargs["substitute_width"], kwargs["encoder"],
                        torch.device("cpu")).train()
         x = torch.rand(kwargs["batch_size"], 3, 32, 32)
         y = torch.randint(0, 10, (kwargs["batch_size"],))
@@ -107,7 +107,7 @@ def _in_child(kind: str, kwargs: dict) -> dict:
         return ex.submit(_child_step_memory, kind, kwargs, torch.get_num_threads()).result()
 
 
-def _build(method: str, width: float, substitute_width: float, encoder: str, device: torch.device) -> nn.Module:
+def build_image_model(method: str, width: float, substitute_width: float, encoder: str, device: torch.device) -> nn.Module:
     target = resnet18_cifar(10, width=width)
     if method != "abnn":
         return target.to(device)
@@ -127,7 +127,7 @@ def bench_train_cost(*, width: float = 1.0, substitute_width: float = 1.0, batch
     y = torch.randint(0, 10, (batch_size,), device=dev)
     setups = {}
     for m in methods:
-        model = _build(m, width, substitute_width, encoder, dev).train()
+        model = build_image_model(m, width, substitute_width, encoder, dev).train()
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
                               weight_decay=5e-4)
         setups[m] = (model, opt, batch_loss_for(TrainConfig(method=m, at_steps=at_steps)),
@@ -267,7 +267,7 @@ def bench_throughput(*, width: float = 0.25, substitute_width: float = 0.25, bat
     steps: dict = {}
     models: dict[str, nn.Module] = {}
     for m in methods:
-        model = _build(m, width, substitute_width, encoder, dev)
+        model = build_image_model(m, width, substitute_width, encoder, dev)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         model.train()
@@ -360,7 +360,7 @@ def bench_precision(*, width: float = 0.25, substitute_width: float = 0.25, batc
     for m in methods:
         for mode, dt in dtypes.items():
             torch.manual_seed(seed)  # the same initial weights for every mode
-            model = _build(m, width, substitute_width, encoder, dev).train()
+            model = build_image_model(m, width, substitute_width, encoder, dev).train()
             opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
                                   weight_decay=5e-4)
             step = TrainStep(model, batch_loss_for(TrainConfig(method=m, at_steps=at_steps)), opt, amp_dtype=dt,

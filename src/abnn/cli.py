@@ -152,8 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "PGD-AT at the preset's and at ABNN's training time); substitute-study: ABNN with "
                         "substitutes of increasing strength (both on the Table 1 preset); studies: both, in one "
                         "schedule that trains their shared models once (OUT/frontier, OUT/substitute-study)")
-    p.add_argument("--preset", default="cpu", choices=("smoke", "cpu", "paper"),
-                   help="smoke: minutes, tiny; cpu: about 2 h on 2 cores (table1 only); paper: full scale, GPU + network")
+    p.add_argument("--preset", default="cpu", choices=("smoke", "cpu", "gpu", "paper"),
+                   help="smoke: minutes, tiny; cpu: about 2 h on 2 cores (table1 only); gpu: one H100/H200-class GPU, "
+                        "offline, about 6 min by estimate (table1); paper: full scale, GPU + network")
+    p.add_argument("--estimate", action="store_true",
+                   help="table1: print the preset's counted training and evaluation FLOPs and its time at an assumed "
+                        "GPU throughput, and run nothing (--out FILE.json also writes them)")
     p.add_argument("--out", default=None, help="output folder (default out/<table>-<preset>)")
     p.add_argument("--force", action="store_true", help="redo finished stages")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
@@ -392,8 +396,12 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
         print(json.dumps({"out": out, "records": [{k: r[k] for k in ("clean_acc", "worst_case_acc")} | {
             "name": r.get("name") or r.get("label")} for r in res["records"]]}))
         return 0
+    if a.estimate and a.table != "table1":
+        raise AbnnError(f"--estimate is for table1 only, got {a.table}; drop --estimate")
     if a.table == "table1":
         preset = apply_overrides(get_preset(a.preset), a.overrides)
+        if a.estimate:
+            return _print_estimate(preset, a)
         if preset.substitute_source != "pretrain" or preset.full_cifar10:
             _check_network_for(preset, "torchvision's ImageNet VGG-19-BN weights and the full CIFAR-10")
         out = a.out or f"out/table1-{a.preset}"
@@ -412,6 +420,18 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
     res = run_video_tables(preset, out, data_root=a.data_root, device=str(resolve_device(a.device)), force=a.force,
                            progress=not a.no_progress, command=command)
     return _print_records(out, res)
+
+
+def _print_estimate(preset, a: argparse.Namespace) -> int:
+    """``reproduce table1 --estimate``: counted FLOPs and time at an assumed throughput; nothing runs."""
+    from .config import write_json_atomic
+    from .reproduce.estimate import estimate_table1, format_estimate
+
+    est = estimate_table1(preset, data_root=a.data_root)
+    if a.out:
+        write_json_atomic(Path(a.out), est)
+    print(format_estimate(est))
+    return 0
 
 
 def _print_records(out: str, res: dict) -> int:

@@ -17,6 +17,11 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}"
 
 
+def _paper(v) -> str:
+    """A paper column: its value, or a dash for a method the paper does not report (Fast-AT)."""
+    return "—" if v is None else str(v)
+
+
 def figure_accuracy(records: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
@@ -132,13 +137,15 @@ def write_table1_report(out: Path, results: dict, examples_path: Path | None = N
     for r in records:
         p = r["paper"]
         lines.append(f"| {r['name']} | {_pct(r['clean_acc'])} | {_pct(r['robust_acc'].get('pgd'))} | "
-                     f"{_pct(r['robust_acc'].get('roa'))} | {p['clean']} | {p['pgd']} | {r['cost_N_per_step']:g}N | "
-                     f"{p['cost']} | {r['train_seconds'] / 60:.1f} min | {1000 * r['seconds_per_step']:.0f} ms |")
+                     f"{_pct(r['robust_acc'].get('roa'))} | {_paper(p['clean'])} | {_paper(p['pgd'])} | {r['cost_N_per_step']:g}N | "
+                     f"{_paper(p['cost'])} | {r['train_seconds'] / 60:.1f} min | {1000 * r['seconds_per_step']:.0f} ms |")
     lines += ["", "Cost counted: network passes per training step, counted by hooks while training ran. Train time "
               "and time / step are wall-clock seconds measured as the runs went; when stages ran concurrently or on a "
               "loaded machine they are not comparable across methods (`abnn bench train-cost` times every method in "
               "one process on one batch).", "",
-              "The paper reports no ROA number for CIFAR-10 (its ROA results are on UCF-101, Table 3).",
+              "The paper reports no ROA number for CIFAR-10 (its ROA results are on UCF-101, Table 3)"
+              + ("; nor any Fast-AT number (—): Fast-AT is beyond the paper (METHOD.md s. 5)." if "fast-at" in by
+                 else "."),
               "Robust accuracy counts a test image only if it is classified correctly both clean and under attack.", ""]
     if "abnn" in by and "standard" in by:
         a, s = by["abnn"], by["standard"]

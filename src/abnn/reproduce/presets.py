@@ -26,7 +26,16 @@ PAPER_VIDEO = {
     "abnn": {"name": "ABNN", "clean": 68.3, "pgd": 43.4, "roa": 24.4, "cost": "3N"},
 }
 
-METHOD_NAMES = {"standard": "No defense", "pgd-at": "PGD-AT", "abnn": "ABNN", "oudefend": "OUDefend"}
+#: a method the paper does not report (Fast-AT): its paper columns stay empty
+NOT_IN_PAPER = {"clean": None, "pgd": None, "cost": None}
+
+METHOD_NAMES = {"standard": "No defense", "pgd-at": "PGD-AT", "abnn": "ABNN", "oudefend": "OUDefend",
+                "fast-at": "Fast-AT"}
+
+
+def paper_table1(method: str) -> dict:
+    """The paper's Table 1 entry of ``method``, or empty columns for a method it does not report."""
+    return PAPER_TABLE1.get(method, {"name": METHOD_NAMES.get(method, method), **NOT_IN_PAPER})
 
 
 @dataclass(frozen=True)
@@ -47,8 +56,10 @@ class Table1Preset:
     train_size: int | None = None
     val_size: int = 1000
     full_cifar10: bool = False                    # paper: the 50k torchvision CIFAR-10
+    include_jpeg: bool = False                    # add the 30k JPEG-q75 CIFAR-10 training images (lossy)
     methods: tuple[str, ...] = ("standard", "pgd-at", "abnn")
     at_steps: int = 5
+    robust_val_size: int = 500                    # Fast-AT: per-epoch PGD-5 on held-out images, best-robust epoch kept
     # evaluation
     n_eval: int = 1000
     eval_batch_size: int = 250
@@ -57,20 +68,38 @@ class Table1Preset:
     n_examples: int = 6
     dataset: str = "cifar10"
     amp: str = "auto"                             # training precision of every stage (evaluation stays float32)
+    channels_last: bool = False                   # training memory format (execution only: same arithmetic)
+    data_on_device: bool = False                  # training data resident on the device (execution only)
+    needs_cuda: bool = False                      # refuse to run without a CUDA device (--set needs_cuda=false: dry run)
     extra: dict = field(default_factory=dict)
     overrides: tuple[str, ...] = ()               # the --set KEY=VALUE that made this preset from the named one
 
     def substitute_config(self) -> TrainConfig:
         return TrainConfig(method="standard", dataset="tinyimagenet32", arch="vgg19_bn", width=self.substitute_width,
                            epochs=self.substitute_epochs, batch_size=self.batch_size, lr=self.substitute_lr,
-                           seed=self.seed, train_size=self.substitute_train_size, val_size=None, amp=self.amp)
+                           seed=self.seed, train_size=self.substitute_train_size, val_size=None, amp=self.amp,
+                           **self._execution())
 
     def method_config(self, method: str, substitute: str | None) -> TrainConfig:
+        fast_at = method == "fast-at"  # Wong et al.: watch per-epoch PGD accuracy, keep the best-robust epoch
         return TrainConfig(method=method, dataset="cifar10", arch="resnet18_cifar", width=self.width,
                            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
                            train_size=self.train_size, val_size=self.val_size, at_steps=self.at_steps,
                            substitute=substitute if method == "abnn" else None,
-                           substitute_width=self.substitute_width, full_cifar10=self.full_cifar10, amp=self.amp)
+                           substitute_width=self.substitute_width, full_cifar10=self.full_cifar10,
+                           include_jpeg=self.include_jpeg, amp=self.amp,
+                           robust_val_size=self.robust_val_size if fast_at else 0, keep_best=fast_at,
+                           **self._execution())
+
+    def _execution(self) -> dict:
+        """The preset's execution-only training settings (how fast, never what is trained)."""
+        return {"channels_last": self.channels_last, "data_on_device": self.data_on_device}
+
+    def check_device(self, device: str) -> None:
+        """A preset made for CUDA refuses any other device before anything runs."""
+        if self.needs_cuda and not str(device).startswith("cuda"):
+            raise AbnnError(f"preset {self.name!r} needs a CUDA GPU and the device is {device}; run it on a GPU "
+                            "machine (--device cuda), or add --set needs_cuda=false for a dry run")
 
     def attack_options(self) -> dict:
         """The paper's evaluation attacks for images (METHOD.md s. 4)."""
@@ -98,6 +127,18 @@ PRESETS: dict[str, Table1Preset] = {
                      "training images; 1,000 test images; the ROA position search is exhaustive over a stride-2 grid "
                      "(144 positions, last row and column included) instead of stride 1 (529), to fit the CPU budget"),
         roa_stride=2,
+    ),
+    "gpu": Table1Preset(
+        name="gpu",
+        description=("one H100/H200-class GPU, offline from shared/data, about 6 minutes by estimate "
+                     "(`--estimate`): full-width VGG-19-BN substitute pretrained here 40 epochs (lr 0.05) on "
+                     "tinyimagenet32 (20k images); full-width ResNet-18, 35 epochs on the 20k lossless CIFAR-10 "
+                     "training images (include_jpeg adds the 30k JPEG ones); no defense, PGD-AT, ABNN and Fast-AT; "
+                     "bf16 autocast and channels-last training with the data on the GPU, float32 evaluation of "
+                     "clean, PGD-5 and ROA (exhaustive, stride 1) on 2,000 test images"),
+        substitute_width=1.0, substitute_epochs=40, substitute_lr=0.05, width=1.0, epochs=35, lr=0.1,
+        methods=("standard", "pgd-at", "abnn", "fast-at"), n_eval=2000, eval_batch_size=500, roa_stride=1,
+        amp="bf16", channels_last=True, data_on_device=True, needs_cuda=True,
     ),
     "paper": Table1Preset(
         name="paper",

@@ -23,7 +23,7 @@ from ..runs import check_same_run, load_run, read_json, run_lock
 from ..training import train
 from ..training.checkpoint import save_atomic
 from ..training.loop import software_versions
-from .presets import METHOD_NAMES, PAPER_TABLE1, Table1Preset
+from .presets import METHOD_NAMES, Table1Preset, paper_table1
 from .schedule import Stage, plan_workers, run_stages
 
 
@@ -153,6 +153,7 @@ def run_table1(preset: Table1Preset, out: str | Path, *, data_root: str | None =
     same ``threads``."""
     from ..report import write_table1_report
 
+    preset.check_device(device)
     out = Path(out)
     ensure_writable(out)
     t_start = time.perf_counter()
@@ -208,7 +209,7 @@ def run_table1(preset: Table1Preset, out: str | Path, *, data_root: str | None =
                                 "val_acc": None, "val_acc_note": "not measured here; see torchvision's model card"})
     records = []
     for method in preset.methods:
-        rec = _record(method, cfgs[method], done[method], done[f"eval:{method}"], PAPER_TABLE1[method])
+        rec = _record(method, cfgs[method], done[method], done[f"eval:{method}"], paper_table1(method))
         if method == "abnn":
             rec["substitute"].update({k: v for k, v in substitute_info.items() if k != "source"})
         records.append(rec)
@@ -225,6 +226,7 @@ def run_table1(preset: Table1Preset, out: str | Path, *, data_root: str | None =
 
 def _weight(cfg: TrainConfig) -> float:
     """A rough size of a training stage, only to start the longest chains first."""
-    per_step = {"pgd-at": 2 * (cfg.at_steps + 1), "oudefend": 4 * (cfg.at_steps + 1), "abnn": 3}.get(cfg.method, 2)
+    per_step = {"pgd-at": 2 * (cfg.at_steps + 1), "oudefend": 4 * (cfg.at_steps + 1), "abnn": 3,
+                "fast-at": 4}.get(cfg.method, 2)
     images = 50_000 if cfg.full_cifar10 else (cfg.train_size or 20_000)
     return cfg.epochs * per_step * images * cfg.width
