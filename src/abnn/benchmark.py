@@ -108,6 +108,8 @@ def _in_child(kind: str, kwargs: dict) -> dict:
 
 
 def build_image_model(method: str, width: float, substitute_width: float, encoder: str, device: torch.device) -> nn.Module:
+    """The CIFAR model of ``method`` with fresh weights: ResNet-18 at ``width``, for ``abnn`` inside
+    ABNN with a VGG-19-BN substitute (200 classes) at ``substitute_width``."""
     target = resnet18_cifar(10, width=width)
     if method != "abnn":
         return target.to(device)
