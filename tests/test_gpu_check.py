@@ -27,6 +27,8 @@ def test_gpu_check_dry_run(tmp_path, fake_data_root):
     assert [r["method"] for r in results["records"]] == ["standard", "pgd-at", "abnn", "fast-at"]
     assert "needs_cuda=false" in results["preset"]["overrides"] and results["preset"]["amp"] == "bf16"
     assert all((out / "table1" / f).is_file() for f in ("report.md", "accuracy.png", "training_cost.png"))
+    report_md = (out / "table1" / "report.md").read_text()
+    assert "`needs_cuda=false`" in report_md and "| Fast-AT |" in report_md and "Training precision: bf16" in report_md
 
 
 def test_gpu_check_records_a_failing_check_and_goes_on(tmp_path, monkeypatch):

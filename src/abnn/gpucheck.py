@@ -133,10 +133,17 @@ def check_compile(env: CheckEnv) -> dict:
     first = time.perf_counter() - t0
     with torch.no_grad():
         model.eval()
-        diff = (compiled(x).float() - model(x).float()).abs().max().item()
+        diff = _relative_diff(compiled(x), model(x))
     if not diff < 1e-2:
-        raise AssertionError(f"compiled and eager logits differ by {diff}")
-    return {"first_step_seconds": first, "max_abs_logit_diff": diff}
+        raise AssertionError(f"compiled and eager logits differ by {diff:.3g} of their largest value")
+    return {"first_step_seconds": first, "relative_logit_diff": diff}
+
+
+def _relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference relative to the largest value of ``b`` (kernels differ in
+    summation order, and on GPUs float32 convolutions use TF32 by default)."""
+    a, b = a.float(), b.float()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
 def check_channels_last(env: CheckEnv) -> dict:
@@ -146,10 +153,10 @@ def check_channels_last(env: CheckEnv) -> dict:
     with torch.no_grad():
         ref = model.eval()(x)
         cl = model.to(memory_format=torch.channels_last)
-        diff = (cl(x.contiguous(memory_format=torch.channels_last)) - ref).abs().max().item()
-    if not diff < 1e-3:
-        raise AssertionError(f"channels-last and default-layout logits differ by {diff}")
-    return {"max_abs_logit_diff": diff, "train": _train_steps(env, cl.train(), amp=torch.bfloat16, channels_last=True)}
+        diff = _relative_diff(cl(x.contiguous(memory_format=torch.channels_last)), ref)
+    if not diff < 1e-2:
+        raise AssertionError(f"channels-last and default-layout logits differ by {diff:.3g} of their largest value")
+    return {"relative_logit_diff": diff, "train": _train_steps(env, cl.train(), amp=torch.bfloat16, channels_last=True)}
 
 
 def check_data_on_device(env: CheckEnv) -> dict:

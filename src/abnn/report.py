@@ -17,6 +17,15 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}"
 
 
+def _precision(preset: dict) -> str:
+    """The training precision and layout of a preset (``amp`` auto: bf16/fp16 on CUDA, float32 on CPU)."""
+    amp = preset.get("amp", "auto")
+    text = {"off": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast with a gradient scaler",
+            "auto": "auto (bf16 autocast on CUDA, float32 on CPU)"}.get(amp, amp)
+    return text + (", channels-last" if preset.get("channels_last") else "") + (
+        ", data on the device" if preset.get("data_on_device") else "")
+
+
 def _paper(v) -> str:
     """A paper column: its value, or a dash for a method the paper does not report (Fast-AT)."""
     return "—" if v is None else str(v)
@@ -129,6 +138,9 @@ def write_table1_report(out: Path, results: dict, examples_path: Path | None = N
              f"Generated {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by `abnn` "
              f"{records[0]['versions']['abnn']} (torch {records[0]['versions']['torch']}, {platform.machine()}).", "",
              f"Preset: **{preset['name']}**: {preset['description']}.", ""]
+    if preset.get("overrides"):
+        lines += ["Overridden for this run (`--set`): " + ", ".join(f"`{o}`" for o in preset["overrides"])
+                  + "; the description above is the named preset's.", ""]
     if results.get("command"):
         lines += [f"Command: `{results['command']}`", ""]
     lines += ["## Table 1: CIFAR-10, white-box PGD and ROA (%)", "",
@@ -190,7 +202,11 @@ def write_table1_report(out: Path, results: dict, examples_path: Path | None = N
     lines += ["", "Common training settings: SGD momentum 0.9, weight decay 5e-4, cosine decay from lr "
               f"{preset['lr']}, batch {preset['batch_size']}, standard augmentation (4-pixel padded random crop, "
               f"flip), seed {preset['seed']}. PGD-AT: PGD with eps 8/255, alpha 2/255, {preset['at_steps']} steps, "
-              "random start, generated in eval mode. ABNN: adaptive BN after the stem and layer1..layer4, "
+              "random start, generated in eval mode. "
+              + (f"Fast-AT: FGSM from a random start (Wong et al. 2020), the epoch of best per-epoch PGD-5 accuracy "
+                 f"on {preset.get('robust_val_size')} held-out images kept. " if "fast-at" in by else "")
+              + f"Training precision: {_precision(preset)}; evaluation and per-epoch validation in float32. "
+              "ABNN: adaptive BN after the stem and layer1..layer4, "
               f"substitute statistics `{by.get('abnn', {}).get('substitute', {}).get('stats', 'sample')}`, encoder "
               f"`{by.get('abnn', {}).get('substitute', {}).get('encoder', 'flatten')}`.", "",
               "Full machine-readable results: `results.json`.", ""]
