@@ -48,3 +48,9 @@ def test_estimate_counts_passes_and_flops(fake_data_root, capsys):
                  "--data-root", str(fake_data_root)]) == 0
     out = capsys.readouterr().out
     assert "ESTIMATE, nothing was run" in out and "datasheet" in out and "Estimated time" in out
+
+
+def test_estimate_is_for_table1_only(capsys):
+    assert main(["reproduce", "frontier", "--preset", "smoke", "--estimate"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--estimate is for table1 only" in err

@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "substitutes of increasing strength (both on the Table 1 preset); studies: both, in one "
                         "schedule that trains their shared models once (OUT/frontier, OUT/substitute-study)")
     p.add_argument("--preset", default="cpu", choices=("smoke", "cpu", "gpu", "paper"),
-                   help="smoke: minutes, tiny; cpu: about 2 h on 2 cores (table1 only); gpu: one H100/H200-class GPU, "
+                   help="smoke: minutes, tiny; cpu: about 75 min on 2 cores (table1 only); gpu: one H100/H200-class GPU, "
                         "offline, about 6 min by estimate (table1); paper: full scale, GPU + network")
     p.add_argument("--estimate", action="store_true",
                    help="table1: print the preset's counted training and evaluation FLOPs and its time at an assumed "
@@ -364,6 +364,8 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
     from .reproduce.presets import apply_overrides
     from .training import resolve_device
 
+    if a.estimate and a.table != "table1":
+        raise AbnnError(f"--estimate is for table1 only, got {a.table}; drop --estimate")
     if a.threads:
         torch.set_num_threads(a.threads)
     command = "abnn " + " ".join(shlex.quote(s) for s in sys.argv[1:]) if sys.argv[0].endswith("abnn") else ""
@@ -396,8 +398,6 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
         print(json.dumps({"out": out, "records": [{k: r[k] for k in ("clean_acc", "worst_case_acc")} | {
             "name": r.get("name") or r.get("label")} for r in res["records"]]}))
         return 0
-    if a.estimate and a.table != "table1":
-        raise AbnnError(f"--estimate is for table1 only, got {a.table}; drop --estimate")
     if a.table == "table1":
         preset = apply_overrides(get_preset(a.preset), a.overrides)
         if a.estimate:
