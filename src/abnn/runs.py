@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .config import SettingDifference, TrainConfig, config_differences
-from .data.datasets import DATASETS, INPUT_SHAPES
+from .data.datasets import DATASETS, input_shape
 from .errors import AbnnError, RunLockedError, SettingsMismatchError
 from .files import ensure_writable
 from .framework import ABNN
@@ -102,7 +102,7 @@ def build_model_from_config(cfg: TrainConfig, *, load_substitute: bool = True) -
     if cfg.method != "abnn":
         return target
     substitute = build_substitute(cfg, load_weights=load_substitute)
-    return ABNN(target, substitute, input_shape=INPUT_SHAPES[cfg.dataset], substitute_taps=cfg.substitute_taps,
+    return ABNN(target, substitute, input_shape=input_shape(cfg.dataset, frames=cfg.frames), substitute_taps=cfg.substitute_taps,
                 substitute_stats=cfg.substitute_stats, encoder=cfg.encoder, bn_affine=cfg.bn_affine)
 
 

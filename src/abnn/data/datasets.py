@@ -327,10 +327,21 @@ INPUT_SHAPES = {"cifar10": (3, 32, 32), "tinyimagenet32": (3, 32, 32), "clips13"
                 "ucf101": (3, 40, 112, 112)}
 
 
-def load_dataset(name: str, split: str, data_root: str | os.PathLike | None = None, **kwargs) -> ImageData:
+def input_shape(name: str, *, frames: int | None = None) -> tuple[int, ...]:
+    """One sample's shape of dataset ``name``; for clip datasets ``frames`` (if given) replaces
+    the dataset's own frame count (40 for UCF-101, as in the paper)."""
+    shape = INPUT_SHAPES[name]
+    return shape if frames is None or len(shape) == 3 else (shape[0], frames, *shape[2:])
+
+
+def load_dataset(name: str, split: str, data_root: str | os.PathLike | None = None, *, frames: int | None = None,
+                 **kwargs) -> ImageData:
     """Load ``name`` (``cifar10``, ``tinyimagenet32``, ``clips13``, ``ucf101``), ``split`` in
-    {``train``, ``test``} (``test`` is the validation set for tinyimagenet32)."""
+    {``train``, ``test``} (``test`` is the validation set for tinyimagenet32).  ``frames``:
+    frames per clip for the clip datasets (``None``: the dataset's own); images ignore it."""
     if name not in DATASETS:
         raise AbnnError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     spec = DATASETS[name]
+    if frames is not None and len(INPUT_SHAPES[name]) == 4:
+        kwargs["frames"] = frames
     return spec["loader"](spec[split], data_root, **kwargs)

@@ -70,7 +70,7 @@ def cache_path(name: str) -> Path:
 def offline_hint(name: str) -> str:
     """How to use torchvision's ``name`` weights without network access."""
     url = TORCHVISION_WEIGHTS[name][1].url
-    return (f"offline: pass --substitute PATH (preset: --set {'substitute_source' if name == 'IMAGENET1K_V1' else 'substitute'}"
+    return (f"pass --substitute PATH (preset: --set {'substitute_source' if name == 'IMAGENET1K_V1' else 'substitute'}"
             f"=PATH) to a state dict in torchvision's format, e.g. {url.rsplit('/', 1)[-1]} from {url}, or put that "
             f"file where torchvision caches it: {cache_path(name)}")
 
@@ -86,4 +86,4 @@ def download_state_dict(name: str) -> Mapping[str, torch.Tensor]:
     except Exception as exc:  # noqa: BLE001 - offline, proxy, hash: one clear message
         msg = (str(exc).splitlines() or [""])[0]
         raise CheckpointError(f"cannot download torchvision's {type(enum).__name__}.{name} weights "
-                              f"({type(exc).__name__}: {msg}); " + offline_hint(name)) from None
+                              f"({type(exc).__name__}: {msg}); offline: " + offline_hint(name)) from None

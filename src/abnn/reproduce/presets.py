@@ -139,10 +139,12 @@ class VideoPreset:
     roa_positions: str = "random"
     seed: int = 0
     n_examples: int = 2
+    frames: int | None = None                     # frames per clip (None: the dataset's own, 40 for UCF-101)
     overrides: tuple[str, ...] = ()               # the --set KEY=VALUE that made this preset from the named one
 
     def method_config(self, method: str) -> TrainConfig:
         return TrainConfig(method=method, dataset=self.dataset, arch=self.arch, width=self.width, epochs=self.epochs,
+                           frames=self.frames,
                            batch_size=self.batch_size, lr=self.lr, seed=self.seed, train_size=self.train_size,
                            val_size=self.val_size, at_steps=self.at_steps, at_eps=self.eps, at_alpha=self.eps / 4,
                            substitute=self.substitute if method == "abnn" else None, substitute_arch="r3d_18",
