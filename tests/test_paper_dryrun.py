@@ -125,3 +125,14 @@ def test_paper_preset_offline_names_each_missing_download(tmp_path, offline, cap
     assert "IMAGENET1K_V1" in err and "--set substitute_source=PATH" in err
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / "vgg19_bn-c79401a0.pth") in err
     assert str(tmp_path / "cifar-10-batches-py") in err
+
+
+def test_video_paper_preset_offline_names_the_kinetics_file(tmp_path, data_root, offline, capsys, monkeypatch):
+    monkeypatch.delenv("ABNN_UCF101_ROOT", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    root, _ = write_ucf101(tmp_path / "data", data_root)
+    code = main(["reproduce", "video", "--preset", "paper", "--out", str(tmp_path / "o"), "--data-root", str(root)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and offline == ["socket"], err
+    assert "KINETICS400_V1" in err and "--set substitute=PATH" in err and "r3d_18-b3b3357e.pth" in err
+    assert "UCF-101" not in err  # found on disk: not named as missing

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p.add_argument("--method", choices=METHODS, default="standard")
     p.add_argument("--arch", default=d.arch, help=f"target architecture (default {d.arch})")
-    p.add_argument("--substitute", default=None, help="ABNN: substitute run folder, weights file, or IMAGENET1K_V1")
+    p.add_argument("--substitute", default=None, help="ABNN: substitute run folder, weights file (torchvision's vgg19_bn / r3d_18 "
+                   "format too: the offline form of the downloads), or IMAGENET1K_V1 (downloaded)")
     p.add_argument("--substitute-width", type=float, default=d.substitute_width, help="width of a bare substitute weights file")
     p.add_argument("--substitute-stats", choices=("sample", "batch"), default=d.substitute_stats)
     p.add_argument("--encoder", choices=("flatten", "pooled"), default=d.encoder)
