@@ -136,3 +136,12 @@ def test_video_paper_preset_offline_names_the_kinetics_file(tmp_path, data_root,
     assert code == 2 and len(err.splitlines()) == 1 and offline == ["socket"], err
     assert "KINETICS400_V1" in err and "--set substitute=PATH" in err and "r3d_18-b3b3357e.pth" in err
     assert "UCF-101" not in err  # found on disk: not named as missing
+
+
+def test_missing_substitute_file_is_refused_before_anything_runs(tmp_path, offline, capsys):
+    out = tmp_path / "o"
+    code = main(["reproduce", "table1", "--preset", "paper", "--out", str(out), "--data-root", str(tmp_path),
+                 "--set", f"substitute_source={tmp_path / 'nowhere.pth'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "nowhere.pth" in err and "no such file" in err, err
+    assert not out.exists() and offline == []
