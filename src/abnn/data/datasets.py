@@ -199,8 +199,9 @@ def find_cifar10_python(data_root: str | os.PathLike | None = None,
 
 class _CifarUnpickler(pickle.Unpickler):
     """Unpickles CIFAR-10's batch files and nothing else: dicts, lists, str/bytes and ints (pickle
-    opcodes, no imports) plus the reconstruction of numpy arrays; any other global (a pickle that
-    would run code) is refused."""
+    opcodes, no imports) plus the reconstruction of numpy arrays (``_reconstruct``, ``ndarray``,
+    ``dtype``; ``_codecs.encode`` is how protocol 2 writes Python 3 bytes); any other global (a
+    pickle that would run code) is refused."""
 
     _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                 ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
