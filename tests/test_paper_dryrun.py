@@ -145,3 +145,18 @@ def test_missing_substitute_file_is_refused_before_anything_runs(tmp_path, offli
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "nowhere.pth" in err and "no such file" in err, err
     assert not out.exists() and offline == []
+
+
+def test_weights_in_torchvisions_cache_and_data_on_disk_need_no_network(tmp_path, data_root, offline, monkeypatch):
+    from abnn.models.torchvision_weights import cache_path
+    from abnn.reproduce import get_preset
+    from abnn.reproduce.sources import check_sources
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = cache_path("IMAGENET1K_V1")
+    assert cached == tmp_path / "torch" / "hub" / "checkpoints" / "vgg19_bn-c79401a0.pth"
+    cached.parent.mkdir(parents=True)
+    cached.touch()  # torchvision reads its cache without network; check_sources only looks for the file
+    write_cifar10_python(tmp_path / "cifar-10-batches-py", data_root, per_batch=1, n_test=1)
+    sources = check_sources(get_preset("paper"), tmp_path)
+    assert [s.local for s in sources] == [True, True] and offline == []

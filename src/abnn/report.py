@@ -172,7 +172,7 @@ def write_table1_report(out: Path, results: dict, examples_path: Path | None = N
                          f"**{_pct(sub.get('val_acc'))}%** on {sub.get('val_size')} images (200 classes). "
                          "The paper's substitute is an ImageNet VGG-19-BN; this one is far weaker.")
         else:
-            lines.append(f"VGG-19-BN with the weights `{sub.get('source')}` ({sub.get('dataset')}).")
+            lines.append(f"VGG-19-BN with the weights `{sub.get('source')}`, trained on {sub.get('dataset')}.")
         lines.append("")
     lines += ["## Figures", "", "![accuracy](accuracy.png)", "", "![training cost](training_cost.png)", ""]
     if (out / "examples.png").is_file():

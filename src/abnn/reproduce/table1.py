@@ -207,7 +207,7 @@ def run_table1(preset: Table1Preset, out: str | Path, *, data_root: str | None =
         download = preset.substitute_source in DOWNLOADABLE
         substitute_info.update({"arch": "vgg19_bn", "width": preset.substitute_width,
                                 "dataset": "ImageNet-1k (torchvision weights)" if download else
-                                "as trained for the weights file (torchvision's format: ImageNet-1k for its own file)",
+                                "the data of the weights file (ImageNet-1k if it is torchvision's own file)",
                                 "val_acc": None, "val_acc_note": "not measured here; see torchvision's model card"
                                 if download else "not measured here"})
     records = []
