@@ -52,8 +52,9 @@ def test_torchvision_vgg19_bn_file_gives_torchvision_features(tmp_path):
 
     x = torch.rand(2, 3, 32, 32)
     feats, handles = _hooked([tv.features[i] for i in VGG19_BN_TAPS])
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with torch.no_grad():
-        tv((x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        tv((x - mean) / std)
         ours = sub(x, return_taps=True)
     for h in handles:
         h.remove()

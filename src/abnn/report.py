@@ -115,7 +115,9 @@ def _write_figures(out: Path, records: list[dict], title: str, examples_path: Pa
 def _overrides_lines(preset: dict) -> list[str]:
     """The ``--set KEY=VALUE`` that changed the named preset (recorded in its ``overrides``)."""
     over = preset.get("overrides") or ()
-    return [f"Overrides: {', '.join(f'`{o}`' for o in over)} (`--set`; every other setting is the preset's).", ""] if over else []
+    if not over:
+        return []
+    return [f"Overrides: {', '.join(f'`{o}`' for o in over)} (`--set`; every other setting is the preset's).", ""]
 
 
 def write_table1_report(out: Path, results: dict, examples_path: Path | None = None) -> None:

@@ -58,6 +58,11 @@ def _stage_train(run: Path, cfg: TrainConfig, *, force: bool, progress: bool | s
     return train(cfg, run, resume=resume, progress=progress)
 
 
+def _test_data(preset, data_root: str | None, n: int):
+    """The first ``n`` test samples of the preset's dataset (clips with the preset's frames)."""
+    return load_dataset(preset.dataset, "test", data_root, frames=getattr(preset, "frames", None)).subset(n)
+
+
 def _finished_eval(run: Path, preset) -> dict | None:
     out = run / "eval_table.json"
     if out.is_file():
@@ -78,7 +83,7 @@ def _stage_eval(run: Path, preset, data_root: str | None, device: str, *, force:
         return done
     with run_lock(run):  # one writer per run folder
         model, _ = load_run(run, device=device)
-        data = load_dataset(preset.dataset, "test", data_root, frames=getattr(preset, "frames", None)).subset(preset.n_eval)
+        data = _test_data(preset, data_root, preset.n_eval)
         _log(f"{run.name}: evaluating clean, {', '.join(n.upper() for n in opts)} on {len(data)} test samples")
         ev = run_attacks(model, data, [AttackSpec(name, o, label=name) for name, o in opts.items()], device=device,
                          batch_size=preset.eval_batch_size, seed=preset.seed, progress=progress)
@@ -98,7 +103,7 @@ def _examples(out: Path, preset, data_root: str | None, device: str) -> Path:
         return path
     method = "abnn" if "abnn" in preset.methods else preset.methods[0]
     model, _ = load_run(out / method, device=device)
-    data = load_dataset(preset.dataset, "test", data_root, frames=getattr(preset, "frames", None)).subset(preset.n_examples)
+    data = _test_data(preset, data_root, preset.n_examples)
     x, y = data.float_batch(slice(None)) if hasattr(data, "float_batch") else next(iter(data.batches(preset.n_examples)))
     x, y = x.to(device), y.to(device)
     opts = preset.attack_options()
