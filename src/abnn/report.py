@@ -112,7 +112,7 @@ def _write_figures(out: Path, records: list[dict], title: str, examples_path: Pa
         examples_fn(torch.load(examples_path, map_location="cpu", weights_only=True), out / "examples.png")
 
 
-def _overrides_lines(preset: dict) -> list[str]:
+def overrides_lines(preset: dict) -> list[str]:
     """The ``--set KEY=VALUE`` that changed the named preset (recorded in its ``overrides``)."""
     over = preset.get("overrides") or ()
     if not over:
@@ -131,7 +131,7 @@ def write_table1_report(out: Path, results: dict, examples_path: Path | None = N
     lines = [f"# {title}", "",
              f"Generated {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by `abnn` "
              f"{records[0]['versions']['abnn']} (torch {records[0]['versions']['torch']}, {platform.machine()}).", "",
-             f"Preset: **{preset['name']}**: {preset['description']}.", ""] + _overrides_lines(preset)
+             f"Preset: **{preset['name']}**: {preset['description']}.", ""] + overrides_lines(preset)
     if results.get("command"):
         lines += [f"Command: `{results['command']}`", ""]
     lines += ["## Table 1: CIFAR-10, white-box PGD and ROA (%)", "",
@@ -238,7 +238,7 @@ def write_video_report(out: Path, results: dict, examples_path: Path | None = No
     lines = [f"# {title}", "",
              f"Generated {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by `abnn` {v['abnn']} "
              f"(torch {v['torch']}).", "", f"Preset: **{preset['name']}**: {preset['description']}.", ""]
-    lines += _overrides_lines(preset)
+    lines += overrides_lines(preset)
     if preset["name"] == "smoke":
         lines += ["**These accuracies mean nothing**: 13 clips, trained and tested on the same clips, an untrained "
                   "substitute. The smoke preset only proves that every stage of the video pipeline runs.", ""]

@@ -7,6 +7,8 @@ import datetime as _dt
 import os
 from pathlib import Path
 
+from .report import overrides_lines
+
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
@@ -21,8 +23,7 @@ def _header(title: str, summary: dict) -> list[str]:
              f"(torch {v['torch']}).", "",
              f"Preset **{p['name']}** (the Table 1 preset: its target, data, schedule and seed for every point): "
              f"{p['description']}.", ""]
-    if p.get("overrides"):
-        lines += [f"Overrides of the preset (`--set`): {', '.join(f'`{o}`' for o in p['overrides'])}.", ""]
+    lines += overrides_lines(p)
     if p.get("amp", "auto") not in ("auto", "off"):
         lines += [f"Every model of this study (substitutes included) trained under {p['amp']} autocast on the CPU; "
                   "evaluation and the statistics shift ran in float32.", ""]
