@@ -23,14 +23,14 @@ def test_env_var_is_the_default_root(fake_data_root, monkeypatch):
 
 def test_missing_data_names_both_options(tmp_path, monkeypatch):
     monkeypatch.delenv("ABNN_DATA_ROOT", raising=False)
-    import torchvision.datasets
+    import abnn.data.datasets as ds
 
     def no_network(*a, **k):
         raise RuntimeError("network unreachable")
 
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_network)
-    with pytest.raises(DataNotFoundError, match="npz.*download"):
-        load_cifar10("train", tmp_path)
+    monkeypatch.setattr(ds, "_download_cifar10", no_network)
+    with pytest.raises(DataNotFoundError, match="npz.*cifar-10-batches-py.*download"):
+        load_cifar10("train", tmp_path, download_dir=tmp_path / "dl")
     with pytest.raises(DataNotFoundError, match="tinyimagenet32_train.npz"):
         load_tinyimagenet32("train", tmp_path)
     with pytest.raises(DataNotFoundError, match="ABNN_DATA_ROOT"):

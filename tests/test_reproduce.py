@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 
 from abnn.cli import main
 from conftest import shared_data_root
@@ -63,3 +64,28 @@ def test_bench_train_cost_counts_and_times():
     assert all(v["ms_per_step_median"] > 0 for v in m.values())
     assert res["ratio_abnn_over_standard"] > 0 and res["ratio_pgdat_over_abnn"] > 0
 
+
+
+def test_set_overrides_are_typed_validated_and_recorded():
+    from abnn.errors import AbnnError
+    from abnn.reproduce import get_preset, get_video_preset
+    from abnn.reproduce.presets import apply_overrides
+
+    p = apply_overrides(get_preset("smoke"), ["epochs=3", "width=1/8", "methods=standard,abnn", "train_size=none",
+                                              "full_cifar10=true", "amp=bf16"])
+    assert (p.epochs, p.width, p.methods, p.train_size, p.full_cifar10) == (3, 0.125, ("standard", "abnn"), None, True)
+    assert p.method_config("abnn", "random").amp == "bf16" and p.substitute_config().amp == "bf16"
+    assert p.overrides == ("epochs=3", "width=1/8", "methods=standard,abnn", "train_size=none", "full_cifar10=true",
+                           "amp=bf16") and p.to_dict()["overrides"] == p.overrides
+    assert get_preset("smoke").epochs != 3  # the named preset itself is untouched
+    assert apply_overrides(get_video_preset("smoke"), ["epochs=1"]).overrides == ("epochs=1",)
+    for bad, says in (("epoch=3", "KEY one of"), ("epochs=three", "expected int"), ("width=0", "--width must be"),
+                      ("amp=fp8", "unknown --amp"), ("extra=1", "cannot be set")):
+        with pytest.raises(AbnnError, match=says):
+            apply_overrides(get_preset("smoke"), [bad])
+
+
+def test_set_bad_value_is_one_line_before_anything_runs(tmp_path, capsys):
+    assert main(["reproduce", "table1", "--preset", "smoke", "--out", str(tmp_path / "o"), "--set", "epochs=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--epochs must be" in err and not (tmp_path / "o").exists()

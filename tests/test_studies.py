@@ -1,5 +1,5 @@
-"""The two studies end to end on the smoke preset: `reproduce frontier` and
-`reproduce substitute-study` write their JSON, reports and figures; reruns reuse every stage."""
+"""The two studies end to end on the smoke preset: `reproduce frontier`, and `reproduce studies`
+(both studies in one schedule) write their JSON, reports and figures; reruns reuse every stage."""
 
 import json
 
@@ -43,18 +43,26 @@ def test_frontier_smoke_end_to_end(tmp_path, root, capfd):
     assert "reused" in log and "training (" not in log and "evaluating" not in log
 
 
-def test_substitute_study_smoke_end_to_end(tmp_path, root):
-    out = tmp_path / "study"
-    assert main(["reproduce", "substitute-study", "--preset", "smoke", "--out", str(out), "--data-root", str(root),
-                 "--no-progress"]) == 0
+def test_studies_smoke_end_to_end(tmp_path, root, capfd):
+    """`reproduce studies` trains the models both studies share once (the substitute study's
+    `tiny` point is the frontier's ABNN), writes both reports, and records its overrides."""
+    out = tmp_path / "studies"
+    assert main(["reproduce", "studies", "--preset", "smoke", "--out", str(out), "--data-root", str(root),
+                 "--set", "amp=bf16", "--no-progress"]) == 0
+    log = "".join(capfd.readouterr())
+    assert log.count("substitute: training (") == 1 and log.count("abnn: training (") == 1
+    study = out / "substitute-study"
     for f in ("report.md", "results.json", "substitute_study.png"):
-        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
-    res = json.loads((out / "results.json").read_text())
+        assert (study / f).is_file() and (study / f).stat().st_size > 0, f
+    assert (out / "frontier" / "frontier.png").is_file()
+    res = json.loads((study / "results.json").read_text())
+    assert res["preset"]["overrides"] == ["amp=bf16"] and res["preset"]["amp"] == "bf16"
     recs = {r["substitute"]: r for r in res["records"]}
     expected = ["untrained", "tiny-weak", "tiny", "cifar10-vgg"]
     if (root / "weights" / "resnet20-12fca82f.th").is_file():
         expected.append("cifar10-resnet20")
     assert list(recs) == expected
+    assert recs["tiny"]["run"] == str(out / "frontier" / "abnn")
     assert [r["in_domain"] for r in recs.values()] == [name.startswith("cifar10") for name in expected]
     for r in recs.values():
         assert 0 <= r["substitute_val_acc"] <= 1 and r["cost_N_per_step"] == 3.0
@@ -63,7 +71,9 @@ def test_substitute_study_smoke_end_to_end(tmp_path, root):
         assert len(shift["stages"]) == 5
         assert all(len(shift[w][m]) == 5 and all(v >= 0 for v in shift[w][m])
                    for w in ("substitute", "target") for m in ("mu", "sigma"))
-    assert "breaks the premise" in (out / "report.md").read_text()
+    assert "breaks the premise" in (study / "report.md").read_text()
+    frontier = json.loads((out / "frontier" / "results.json").read_text())
+    assert {r["amp"] for r in frontier["records"]} == {"bfloat16"}  # the autocast dtype each run used
 
 
 def test_resnet20_tapped_by_module_name_as_substitute(tmp_path, data_root):

@@ -143,7 +143,7 @@ def test_kinetics_weights_offline_error(monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(tv_api, "load_state_dict_from_url", offline)
-    with pytest.raises(AbnnError, match=r"KINETICS400_V1.*Fix: run once with network access"):
+    with pytest.raises(AbnnError, match=r"KINETICS400_V1.*--substitute PATH.*r3d_18-b3b3357e.pth"):
         r3d18_substitute(weights="KINETICS400_V1")
 
 

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p.add_argument("--method", choices=METHODS, default="standard")
     p.add_argument("--arch", default=d.arch, help=f"target architecture (default {d.arch})")
-    p.add_argument("--substitute", default=None, help="ABNN: substitute run folder, weights file, or IMAGENET1K_V1")
+    p.add_argument("--substitute", default=None, help="ABNN: substitute run folder, weights file (torchvision's vgg19_bn / r3d_18 "
+                   "format too: the offline form of the downloads), or IMAGENET1K_V1 (downloaded)")
     p.add_argument("--substitute-width", type=float, default=d.substitute_width, help="width of a bare substitute weights file")
     p.add_argument("--substitute-stats", choices=("sample", "batch"), default=d.substitute_stats)
     p.add_argument("--encoder", choices=("flatten", "pooled"), default=d.encoder)
@@ -362,6 +363,7 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
 
     from .reproduce import get_preset, get_video_preset, run_table1, run_video_tables
     from .reproduce.presets import apply_overrides
+    from .reproduce.sources import check_sources
     from .training import resolve_device
 
     if a.estimate and a.table != "table1":
@@ -402,20 +404,14 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
         preset = apply_overrides(get_preset(a.preset), a.overrides)
         if a.estimate:
             return _print_estimate(preset, a)
-        if preset.substitute_source != "pretrain" or preset.full_cifar10:
-            _check_network_for(preset, "torchvision's ImageNet VGG-19-BN weights and the full CIFAR-10")
+        check_sources(preset, a.data_root)
         out = a.out or f"out/table1-{a.preset}"
         res = run_table1(preset, out, data_root=a.data_root, device=str(resolve_device(a.device)), force=a.force,
                          progress=not a.no_progress, command=command, jobs=a.jobs, threads=a.threads)
         return _print_records(out, res)
     else:
         preset = apply_overrides(get_video_preset(a.preset), a.overrides)
-        if preset.dataset == "ucf101":
-            from .data import resolve_ucf101_root
-
-            resolve_ucf101_root(None, a.data_root)
-        if preset.substitute == "KINETICS400_V1":
-            _check_network_for(preset, "torchvision's Kinetics-400 R3D-18 weights")
+        check_sources(preset, a.data_root)
         out = a.out or f"out/video-{a.preset}"
     res = run_video_tables(preset, out, data_root=a.data_root, device=str(resolve_device(a.device)), force=a.force,
                            progress=not a.no_progress, command=command)
@@ -438,19 +434,6 @@ def _print_records(out: str, res: dict) -> int:
     print(json.dumps({"out": out, "records": [{k: r[k] for k in ("method", "clean_acc", "robust_acc", "cost_N_per_step")}
                                               for r in res["records"]]}))
     return 0
-
-
-def _check_network_for(preset, what: str) -> None:
-    """The paper presets need torchvision downloads; fail at once and clearly without them."""
-    import socket
-
-    try:
-        socket.create_connection(("download.pytorch.org", 443), timeout=5).close()
-    except OSError as exc:
-        raise AbnnError(
-            f"preset {preset.name!r} needs network access to download {what} ({type(exc).__name__}: {exc}); "
-            "run it on a machine with internet (a GPU is advised), or use --preset smoke/cpu"
-        ) from None
 
 
 def cmd_bench(a: argparse.Namespace) -> int:

@@ -73,6 +73,7 @@ class TrainConfig:
     include_jpeg: bool = False               # CIFAR-10: add the 30k JPEG-q75 training images
     full_cifar10: bool = field(default=False, metadata=_NO_FLAG)  # the full 50k set via torchvision's download
     augment: bool = field(default=True, metadata={"flag": "--no-augment"})
+    frames: int | None = field(default=None, metadata=_NO_FLAG)  # frames per clip (video; None: the dataset's own)
     # ABNN (METHOD.md s. 1); substitute is recorded as written, compared as the same file or folder
     substitute: str | None = field(default=None, metadata={"same": _same_source})  # run dir, weights, IMAGENET1K_V1
     substitute_arch: str = "vgg19_bn"
@@ -125,7 +126,7 @@ class TrainConfig:
         _need(self, "at_eps", lambda v: math.isfinite(v) and 0 < v <= 1, "in (0, 1] (pixel units: 8/255 = 0.0314)")
         for name in ("epochs", "batch_size", "at_steps"):
             _need(self, name, lambda v: v >= 1, "an integer >= 1")
-        for name in ("train_size", "num_threads", "checkpoint_every"):
+        for name in ("train_size", "num_threads", "checkpoint_every", "frames"):
             _need(self, name, lambda v: v is None or v >= 1, "an integer >= 1 (or unset)")
         _need(self, "val_size", lambda v: v is None or v >= 0, "an integer >= 0 (0: no per-epoch accuracy)")
         _need(self, "robust_val_size", lambda v: v >= 0, "an integer >= 0 (0: no per-epoch robust accuracy)")

@@ -126,6 +126,14 @@ def _write_figures(out: Path, records: list[dict], title: str, examples_path: Pa
         examples_fn(torch.load(examples_path, map_location="cpu", weights_only=True), out / "examples.png")
 
 
+def overrides_lines(preset: dict) -> list[str]:
+    """The ``--set KEY=VALUE`` that changed the named preset (recorded in its ``overrides``)."""
+    over = preset.get("overrides") or ()
+    if not over:
+        return []
+    return [f"Overrides: {', '.join(f'`{o}`' for o in over)} (`--set`; every other setting is the preset's).", ""]
+
+
 def write_table1_report(out: Path, results: dict, examples_path: Path | None = None) -> None:
     out = Path(out)
     records = results["records"]
@@ -137,10 +145,7 @@ def write_table1_report(out: Path, results: dict, examples_path: Path | None = N
     lines = [f"# {title}", "",
              f"Generated {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by `abnn` "
              f"{records[0]['versions']['abnn']} (torch {records[0]['versions']['torch']}, {platform.machine()}).", "",
-             f"Preset: **{preset['name']}**: {preset['description']}.", ""]
-    if preset.get("overrides"):
-        lines += ["Overridden for this run (`--set`): " + ", ".join(f"`{o}`" for o in preset["overrides"])
-                  + "; the description above is the named preset's.", ""]
+             f"Preset: **{preset['name']}**: {preset['description']}.", ""] + overrides_lines(preset)
     if results.get("command"):
         lines += [f"Command: `{results['command']}`", ""]
     lines += ["## Table 1: CIFAR-10, white-box PGD and ROA (%)", "",
@@ -185,7 +190,7 @@ def write_table1_report(out: Path, results: dict, examples_path: Path | None = N
                          f"**{_pct(sub.get('val_acc'))}%** on {sub.get('val_size')} images (200 classes). "
                          "The paper's substitute is an ImageNet VGG-19-BN; this one is far weaker.")
         else:
-            lines.append(f"VGG-19-BN with torchvision's {sub.get('source')} weights ({sub.get('dataset')}).")
+            lines.append(f"VGG-19-BN with the weights `{sub.get('source')}`, trained on {sub.get('dataset')}.")
         lines.append("")
     lines += ["## Figures", "", "![accuracy](accuracy.png)", "", "![training cost](training_cost.png)", ""]
     if (out / "examples.png").is_file():
@@ -253,6 +258,7 @@ def write_video_report(out: Path, results: dict, examples_path: Path | None = No
     lines = [f"# {title}", "",
              f"Generated {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by `abnn` {v['abnn']} "
              f"(torch {v['torch']}).", "", f"Preset: **{preset['name']}**: {preset['description']}.", ""]
+    lines += overrides_lines(preset)
     if preset["name"] == "smoke":
         lines += ["**These accuracies mean nothing**: 13 clips, trained and tested on the same clips, an untrained "
                   "substitute. The smoke preset only proves that every stage of the video pipeline runs.", ""]

@@ -7,6 +7,8 @@ import datetime as _dt
 import os
 from pathlib import Path
 
+from .report import overrides_lines
+
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
@@ -21,6 +23,10 @@ def _header(title: str, summary: dict) -> list[str]:
              f"(torch {v['torch']}).", "",
              f"Preset **{p['name']}** (the Table 1 preset: its target, data, schedule and seed for every point): "
              f"{p['description']}.", ""]
+    lines += overrides_lines(p)
+    if p.get("amp", "auto") not in ("auto", "off"):
+        lines += [f"Every model of this study (substitutes included) trained under {p['amp']} autocast on the CPU; "
+                  "evaluation and the statistics shift ran in float32.", ""]
     if summary.get("command"):
         lines += [f"Command: `{summary['command']}`", ""]
     ev = summary["evaluation"]

@@ -19,12 +19,13 @@ import torch
 from torch import nn
 
 from .config import SettingDifference, TrainConfig, config_differences
-from .data.datasets import DATASETS, INPUT_SHAPES
+from .data.datasets import DATASETS, input_shape
 from .errors import AbnnError, RunLockedError, SettingsMismatchError
 from .files import ensure_writable
 from .framework import ABNN
 from .models import build_model, r3d18_substitute, resnet20_reference, vgg19_bn_substitute, with_oudefend
 from .models.io import check_state_dict, load_state_dict_file
+from .models.torchvision_weights import torchvision_file_arch
 
 #: pretrained substitute weights that torchvision downloads (the paper's substitutes)
 DOWNLOADABLE = {"IMAGENET1K_V1": {"arch": "vgg19_bn", "width": 1.0, "num_classes": 1000},
@@ -33,8 +34,10 @@ DOWNLOADABLE = {"IMAGENET1K_V1": {"arch": "vgg19_bn", "width": 1.0, "num_classes
 
 def resolve_substitute(spec: str, *, in_domain: bool = False) -> tuple[str | None, dict]:
     """Resolve ``--substitute``: a run folder (reads its config and ``model.pt``), a weights
-    file, ``IMAGENET1K_V1`` / ``KINETICS400_V1`` (torchvision downloads), or ``random`` (an
-    untrained substitute: the control of the substitute study, and smoke runs).  A run trained on
+    file (one in torchvision's ``vgg19_bn`` / ``r3d_18`` format, recognised by its keys, gets the
+    architecture, width and class count of those weights), ``IMAGENET1K_V1`` / ``KINETICS400_V1``
+    (torchvision downloads), or ``random`` (an untrained substitute: the control of the substitute
+    study, and smoke runs).  A run trained on
     CIFAR-10 is refused unless ``in_domain`` (an in-domain upper bound that breaks the paper's
     premise on purpose).  Returns (weights, {arch, width, num_classes} or {})."""
     if spec in DOWNLOADABLE:
@@ -53,9 +56,12 @@ def resolve_substitute(spec: str, *, in_domain: bool = False) -> tuple[str | Non
                             "--allow-in-domain-substitute for an in-domain upper bound)")
         return str(weights), {"arch": cfg.arch, "width": cfg.width, "num_classes": DATASETS[cfg.dataset]["num_classes"]}
     if p.is_file():
-        return str(p), {}
+        arch = torchvision_file_arch(p)  # torchvision's own format: the offline copy of a download
+        meta = next((dict(m) for m in DOWNLOADABLE.values() if m["arch"] == arch), {})
+        return str(p), meta
     raise AbnnError(f"substitute {spec!r} is neither a run folder, a weights file, IMAGENET1K_V1, KINETICS400_V1 "
-                    "nor random")
+                    "nor random; offline, pass a PATH to torchvision's weights file instead of IMAGENET1K_V1 / "
+                    "KINETICS400_V1")
 
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
@@ -96,7 +102,7 @@ def build_model_from_config(cfg: TrainConfig, *, load_substitute: bool = True) -
     if cfg.method != "abnn":
         return target
     substitute = build_substitute(cfg, load_weights=load_substitute)
-    return ABNN(target, substitute, input_shape=INPUT_SHAPES[cfg.dataset], substitute_taps=cfg.substitute_taps,
+    return ABNN(target, substitute, input_shape=input_shape(cfg.dataset, frames=cfg.frames), substitute_taps=cfg.substitute_taps,
                 substitute_stats=cfg.substitute_stats, encoder=cfg.encoder, bn_affine=cfg.bn_affine)
 
 

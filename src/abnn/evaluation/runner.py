@@ -351,7 +351,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, attacks: Sequence[str | AttackSp
     out = Path(out) if out is not None else Path(run_dir) / "eval.json"
     model, cfg = load_run(run_dir, device=device)
     ensure_writable(out.parent)
-    data = load_dataset(cfg.dataset, "test", data_root or cfg.data_root).subset(n_eval)
+    data = load_dataset(cfg.dataset, "test", data_root or cfg.data_root, frames=cfg.frames).subset(n_eval)
     srcs = {k: v if isinstance(v, nn.Module) else load_run(v, device=device)[0] for k, v in (sources or {}).items()}
     if not resume:
         (out.parent / PROGRESS_FILE).unlink(missing_ok=True)

@@ -259,7 +259,8 @@ def run_suite_on_run(run_dir: str | os.PathLike, *, n_eval: int = 1000, batch_si
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "suite"
     model, cfg = load_run(run_dir, device=device)
     ensure_writable(out)
-    data = as_tensors(load_dataset(cfg.dataset, "test", data_root or cfg.data_root).subset(n_eval), n_eval)
+    test = load_dataset(cfg.dataset, "test", data_root or cfg.data_root, frames=cfg.frames)
+    data = as_tensors(test.subset(n_eval), n_eval)
     sources = {name: src if isinstance(src, nn.Module) else load_run(src, device=device)[0]
                for name, src in (source_models or {}).items()}
     if not resume:

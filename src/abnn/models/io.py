@@ -21,13 +21,20 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def safe_torch_load(path: str | os.PathLike, *, weights_only: bool = True) -> Any:
+def safe_torch_load(path: str | os.PathLike, *, weights_only: bool = True, mmap: bool = False) -> Any:
     """``torch.load`` on CPU that refuses pickled code (``weights_only=True``) and turns every
-    failure into a :class:`CheckpointError` naming the file."""
+    failure into a :class:`CheckpointError` naming the file.  ``mmap`` maps the tensors of a
+    zip-format file instead of reading them (a legacy-format file is then read as usual)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
+        if mmap:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+            except RuntimeError as exc:  # a legacy (pre-1.6) file cannot be memory-mapped
+                if "mmap" not in str(exc):
+                    raise
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear message
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -11,7 +11,7 @@ layer1..layer4 without computing the head.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from torch import Tensor, nn
 from torchvision.models.video import resnet as tv_video
@@ -89,16 +89,17 @@ class R3D18Substitute(nn.Module):
         return m(x)
 
 
-def _download_hint() -> str:
-    try:
-        import torch.hub
+def load_torchvision_r3d18(model: R3D18Substitute, state: Mapping[str, Tensor], source: str) -> R3D18Substitute:
+    """Load a state dict in torchvision's ``r3d_18`` format (``stem.*``, ``layer1.*`` .. ``fc.*``;
+    the Kinetics-400 download or a saved file) into the wrapper (its keys are torchvision's under
+    ``model.``).  ``source`` names the weights in errors.  The one mapping from torchvision's
+    R3D-18 onto the substitute."""
+    from .io import check_state_dict
 
-        where = os.path.join(torch.hub.get_dir(), "checkpoints")
-    except Exception:  # noqa: BLE001
-        where = "~/.cache/torch/hub/checkpoints"
-    url = tv_video.R3D_18_Weights.KINETICS400_V1.url
-    return (f"Fix: run once with network access (torchvision caches the file in {where}), or copy "
-            f"{url.rsplit('/', 1)[-1]} (from {url}) into that folder, or pass weights=PATH to a saved state dict")
+    state = {"model." + k: v for k, v in state.items()}
+    check_state_dict(state, model, source)
+    model.load_state_dict(state)
+    return model
 
 
 def r3d18_substitute(num_classes: int = 400, *, weights: str | os.PathLike | None = None,
@@ -110,33 +111,25 @@ def r3d18_substitute(num_classes: int = 400, *, weights: str | os.PathLike | Non
         weights: ``None`` (random init), a checkpoint path (this wrapper's state dict, or a bare
             torchvision ``r3d_18`` state dict without the ``model.`` prefix), or
             ``"KINETICS400_V1"`` for torchvision's Kinetics-400 weights (downloaded once; without
-            network access a :class:`~abnn.errors.CheckpointError` names the fix).
+            network access a :class:`~abnn.errors.CheckpointError` names the fix: a path to the
+            same weights in torchvision's format, which the bare-state-dict case reads).
         width: channel multiplier for a CPU-scale substitute (1.0 = torchvision's r3d_18);
             the Kinetics weights exist only at width 1.
     """
     from .io import check_state_dict, load_state_dict_file
+    from .torchvision_weights import download_state_dict, torchvision_arch
 
     if weights == "KINETICS400_V1":
         if width != 1.0:
             raise CheckpointError("KINETICS400_V1 weights exist only for width 1.0")
-        enum = tv_video.R3D_18_Weights.KINETICS400_V1
-        try:
-            state = enum.get_state_dict(progress=False, check_hash=True)
-        except Exception as exc:  # noqa: BLE001 - offline, proxy, hash: one clear message
-            msg = str(exc).splitlines()[0] if str(exc) else ""
-            raise CheckpointError(
-                f"cannot download torchvision's R3D_18_Weights.KINETICS400_V1 ({type(exc).__name__}: {msg}). "
-                + _download_hint()
-            ) from None
-        model = R3D18Substitute(tv_video.r3d_18(num_classes=len(enum.meta["categories"])))
-        model.model.load_state_dict(state)
-        return model
+        model = R3D18Substitute(tv_video.r3d_18(num_classes=400))
+        return load_torchvision_r3d18(model, download_state_dict(weights), weights)
     body = tv_video.r3d_18(num_classes=num_classes) if width == 1.0 else _ScaledVideoResNet(width, num_classes)
     model = R3D18Substitute(body)
     if weights is not None:
         state = load_state_dict_file(weights)
-        if not any(k.startswith("model.") for k in state):
-            state = {"model." + k: v for k, v in state.items()}
+        if torchvision_arch(state) == "r3d_18" or not any(k.startswith("model.") for k in state):
+            return load_torchvision_r3d18(model, state, str(weights))
         check_state_dict(state, model, weights)
         model.load_state_dict(state)
     return model

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import vgg as tv_vgg
 
+from ..errors import CheckpointError
 from .common import IMAGENET_MEAN, IMAGENET_STD, Normalize, scaled
 
 #: Indices in ``vgg19_bn().features`` of the last ReLU of each of the five blocks
@@ -84,6 +85,30 @@ class VGGSubstitute(nn.Module):
         return self.classifier(self.avgpool(x).flatten(1))
 
 
+def _need_full_width(width: float, source: str) -> None:
+    if width != 1.0:
+        raise CheckpointError(f"{source} is torchvision's full-width vgg19_bn: use substitute width 1 "
+                              f"(--substitute-width 1, --set substitute_width=1), not {width}")
+
+
+def load_torchvision_vgg19_bn(model: VGGSubstitute, state: Mapping[str, Tensor], source: str) -> VGGSubstitute:
+    """Load a state dict in torchvision's ``vgg19_bn`` format (``features.*``, ``classifier.{0,3,6}.*``;
+    the ImageNet download or a saved file) into ``model``: the whole model with
+    ``head="torchvision"``, else only ``features`` (all that ABNN taps).  ``source`` names the
+    weights in errors.  The one mapping from torchvision's VGG-19-BN onto the substitute."""
+    from .io import check_state_dict
+
+    _need_full_width(model.width, source)
+    if model.head_kind == "torchvision":
+        check_state_dict(state, model, source)
+        model.load_state_dict(state)
+        return model
+    features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    check_state_dict(features, model.features, source)
+    model.features.load_state_dict(features)
+    return model
+
+
 def vgg19_bn_substitute(num_classes: int = 200, *, width: float = 1.0, weights: str | None = None,
                         head: str | None = None) -> VGGSubstitute:
     """The VGG-19-BN substitute.
@@ -91,25 +116,26 @@ def vgg19_bn_substitute(num_classes: int = 200, *, width: float = 1.0, weights: 
     Args:
         num_classes: classes of the head (200 for tinyimagenet32 pretraining, 1000 for ImageNet).
         width: channel multiplier for CPU-scale runs (1.0 = torchvision's VGG-19-BN).
-        weights: ``None`` (random init), a checkpoint path (a run's ``model.pt`` or a state
-            dict), or ``"IMAGENET1K_V1"`` for torchvision's ImageNet weights (downloaded; needs
-            network access).
-        head: ``"pooled"`` (default; with IMAGENET1K_V1 only the features are loaded, which is
-            all ABNN uses) or ``"torchvision"`` (the 4096-4096 classifier, loaded too).
+        weights: ``None`` (random init), a checkpoint path (a run's ``model.pt``, this model's
+            state dict, or a state dict in torchvision's ``vgg19_bn`` format, recognised by its
+            keys: the offline copy of the ImageNet weights), or ``"IMAGENET1K_V1"`` for
+            torchvision's ImageNet weights (downloaded; offline a one-line
+            :class:`~abnn.errors.CheckpointError` names the file to pass instead).
+        head: ``"pooled"`` (default; with torchvision weights only the features are loaded, which
+            is all ABNN uses) or ``"torchvision"`` (the 4096-4096 classifier, loaded too).
     """
-    from .io import load_state_dict_file  # local: io imports models lazily too
+    from .io import check_state_dict, load_state_dict_file  # local: io imports models lazily too
+    from .torchvision_weights import download_state_dict, torchvision_arch
 
     if weights == "IMAGENET1K_V1":
-        if width != 1.0:
-            raise ValueError("IMAGENET1K_V1 weights exist only for width 1.0")
-        tv = tv_vgg.vgg19_bn(weights=tv_vgg.VGG19_BN_Weights.IMAGENET1K_V1)
-        model = VGGSubstitute(1000, width=1.0, head=head or "pooled")
-        if model.head_kind == "torchvision":
-            model.load_state_dict(tv.state_dict())
-        else:
-            model.features.load_state_dict(tv.features.state_dict())
-        return model
+        _need_full_width(width, weights)
+        model = VGGSubstitute(1000, width=width, head=head or "pooled")
+        return load_torchvision_vgg19_bn(model, download_state_dict(weights), "IMAGENET1K_V1")
     model = VGGSubstitute(num_classes, width=width, head=head or "pooled")
     if weights is not None:
-        model.load_state_dict(load_state_dict_file(weights, expect=model))
+        state = load_state_dict_file(weights)
+        if torchvision_arch(state) == "vgg19_bn":
+            return load_torchvision_vgg19_bn(model, state, str(weights))
+        check_state_dict(state, model, weights)
+        model.load_state_dict(state)
     return model

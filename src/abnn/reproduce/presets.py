@@ -142,8 +142,9 @@ PRESETS: dict[str, Table1Preset] = {
     ),
     "paper": Table1Preset(
         name="paper",
-        description=("the paper's setting for a GPU machine with network access: torchvision ImageNet VGG-19-BN "
-                     "substitute, full-width ResNet-18, full 50k CIFAR-10, 100 epochs, the full test set"),
+        description=("the paper's setting for a GPU machine: torchvision's ImageNet VGG-19-BN substitute (downloaded, "
+                     "or offline a weights file: --set substitute_source=PATH), full-width ResNet-18, full 50k "
+                     "CIFAR-10, 100 epochs, the full test set"),
         substitute_source="IMAGENET1K_V1", substitute_width=1.0, width=1.0, epochs=100, full_cifar10=True,
         val_size=1000, n_eval=10_000, eval_batch_size=500,
     ),
@@ -180,10 +181,12 @@ class VideoPreset:
     roa_positions: str = "random"
     seed: int = 0
     n_examples: int = 2
+    frames: int | None = None                     # frames per clip (None: the dataset's own, 40 for UCF-101)
     overrides: tuple[str, ...] = ()               # the --set KEY=VALUE that made this preset from the named one
 
     def method_config(self, method: str) -> TrainConfig:
         return TrainConfig(method=method, dataset=self.dataset, arch=self.arch, width=self.width, epochs=self.epochs,
+                           frames=self.frames,
                            batch_size=self.batch_size, lr=self.lr, seed=self.seed, train_size=self.train_size,
                            val_size=self.val_size, at_steps=self.at_steps, at_eps=self.eps, at_alpha=self.eps / 4,
                            substitute=self.substitute if method == "abnn" else None, substitute_arch="r3d_18",
@@ -207,7 +210,8 @@ VIDEO_PRESETS: dict[str, VideoPreset] = {
     "paper": VideoPreset(
         name="paper",
         description=("the paper's setting for a GPU machine: UCF-101 split 1 (40 frames, 112x112), full 3D "
-                     "ResNeXt-101, Kinetics-400 R3D-18 substitute from torchvision, the full test list"),
+                     "ResNeXt-101, torchvision's Kinetics-400 R3D-18 substitute (downloaded, or offline a weights "
+                     "file: --set substitute=PATH), the full test list"),
         dataset="ucf101", arch="resnext3d_101", width=1.0, substitute="KINETICS400_V1", substitute_width=1.0,
         epochs=60, lr=0.01, batch_size=16, val_size=0, n_eval=3783, eval_batch_size=8,
     ),

@@ -97,7 +97,7 @@ def job_eval(run: Path, spec: StudyEval, data_root: str | None, device: str, for
         return done
     with run_lock(run):  # one writer per run folder
         model, cfg = load_run(run, device=device)
-        data = load_dataset(cfg.dataset, "test", data_root or cfg.data_root).subset(spec.n_eval)
+        data = load_dataset(cfg.dataset, "test", data_root or cfg.data_root, frames=cfg.frames).subset(spec.n_eval)
         _log(f"{run.name}: evaluating {', '.join(spec.attacks)} on {len(data)} test images")
         t0 = time.perf_counter()
         res = run_attacks(model, data, list(spec.attacks), batch_size=spec.batch_size, device=device, seed=spec.seed,

@@ -19,7 +19,7 @@ from ..config import TrainConfig, write_json_atomic
 from ..data import load_dataset
 from ..evaluation import run_attacks
 from ..files import ensure_writable
-from ..runs import check_same_run, load_run, read_json, run_lock
+from ..runs import DOWNLOADABLE, check_same_run, load_run, read_json, run_lock
 from ..training import train
 from ..training.checkpoint import save_atomic
 from ..training.loop import software_versions
@@ -58,6 +58,11 @@ def _stage_train(run: Path, cfg: TrainConfig, *, force: bool, progress: bool | s
     return train(cfg, run, resume=resume, progress=progress)
 
 
+def _test_data(preset, data_root: str | None, n: int):
+    """The first ``n`` test samples of the preset's dataset (clips with the preset's frames)."""
+    return load_dataset(preset.dataset, "test", data_root, frames=getattr(preset, "frames", None)).subset(n)
+
+
 def _finished_eval(run: Path, preset) -> dict | None:
     out = run / "eval_table.json"
     if out.is_file():
@@ -78,7 +83,7 @@ def _stage_eval(run: Path, preset, data_root: str | None, device: str, *, force:
         return done
     with run_lock(run):  # one writer per run folder
         model, _ = load_run(run, device=device)
-        data = load_dataset(preset.dataset, "test", data_root).subset(preset.n_eval)
+        data = _test_data(preset, data_root, preset.n_eval)
         _log(f"{run.name}: evaluating clean, {', '.join(n.upper() for n in opts)} on {len(data)} test samples")
         ev = run_attacks(model, data, [AttackSpec(name, o, label=name) for name, o in opts.items()], device=device,
                          batch_size=preset.eval_batch_size, seed=preset.seed, progress=progress)
@@ -98,7 +103,7 @@ def _examples(out: Path, preset, data_root: str | None, device: str) -> Path:
         return path
     method = "abnn" if "abnn" in preset.methods else preset.methods[0]
     model, _ = load_run(out / method, device=device)
-    data = load_dataset(preset.dataset, "test", data_root).subset(preset.n_examples)
+    data = _test_data(preset, data_root, preset.n_examples)
     x, y = data.float_batch(slice(None)) if hasattr(data, "float_batch") else next(iter(data.batches(preset.n_examples)))
     x, y = x.to(device), y.to(device)
     opts = preset.attack_options()
@@ -205,8 +210,12 @@ def run_table1(preset: Table1Preset, out: str | Path, *, data_root: str | None =
                                 "val_acc": sub_res["final_val_acc"], "val_size": sub_res["val_size"],
                                 "train_seconds": sub_res["train_seconds"]})
     elif substitute is not None:
-        substitute_info.update({"arch": "vgg19_bn", "width": 1.0, "dataset": "ImageNet-1k (torchvision weights)",
-                                "val_acc": None, "val_acc_note": "not measured here; see torchvision's model card"})
+        download = preset.substitute_source in DOWNLOADABLE
+        substitute_info.update({"arch": "vgg19_bn", "width": preset.substitute_width,
+                                "dataset": "ImageNet-1k (torchvision weights)" if download else
+                                "the data of the weights file (ImageNet-1k if it is torchvision's own file)",
+                                "val_acc": None, "val_acc_note": "not measured here; see torchvision's model card"
+                                if download else "not measured here"})
     records = []
     for method in preset.methods:
         rec = _record(method, cfgs[method], done[method], done[f"eval:{method}"], paper_table1(method))

@@ -237,7 +237,8 @@ def robust_val_data(cfg: TrainConfig) -> tuple[ImageData | None, str]:
         held = load_cifar10_heldout(k, cfg.data_root)
         if held is not None and len(held) == k:
             return held, f"the first {k} JPEG-q75 CIFAR-10 training images (held out of training)"
-    test = load_dataset(cfg.dataset, "test", cfg.data_root, **({"full": True} if cfg.full_cifar10 else {}))
+    test = load_dataset(cfg.dataset, "test", cfg.data_root, frames=cfg.frames,
+                        **({"full": True} if cfg.full_cifar10 else {}))
     first = len(test) if cfg.val_size is None else cfg.val_size
     if first + k > len(test):
         raise AbnnError(f"--robust-val-size {k} overlaps the {first} validation images of the {len(test)}-image "
@@ -342,9 +343,10 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
     torch.manual_seed(cfg.seed)
 
     opts = {k: True for k, on in (("include_jpeg", cfg.include_jpeg), ("full", cfg.full_cifar10)) if on}
-    train_data = load_dataset(cfg.dataset, "train", cfg.data_root, **opts).subset(cfg.train_size)
+    train_data = load_dataset(cfg.dataset, "train", cfg.data_root, frames=cfg.frames, **opts).subset(cfg.train_size)
     val_opts = {"full": True} if cfg.full_cifar10 else {}
-    val_data = load_dataset(cfg.dataset, "test", cfg.data_root, **val_opts).subset(cfg.val_size) if cfg.val_size != 0 else None
+    val_data = (load_dataset(cfg.dataset, "test", cfg.data_root, frames=cfg.frames, **val_opts).subset(cfg.val_size)
+                if cfg.val_size != 0 else None)
     rob_data, rob_source = robust_val_data(cfg)
 
     model = build_model_from_config(cfg).to(device)
