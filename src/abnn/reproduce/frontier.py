@@ -33,15 +33,14 @@ NAMES = {"standard": "No defense", "abnn": "ABNN", "fast-at": "Fast-AT", "pgd-at
 class StudySettings:
     """What the studies add to a Table 1 preset."""
 
-    robust_val_size: int              # Fast-AT's per-epoch PGD-5 accuracy (catastrophic overfitting)
     strong: tuple[str, ...]           # the strong white-box attacks of the worst case (registry specs)
     eval_batch_size: int = 250
 
 
 STUDY_SETTINGS = {
-    "smoke": StudySettings(robust_val_size=32, strong=("apgd-ce:steps=5", "apgd-t:steps=5,n_target_classes=3"),
+    "smoke": StudySettings(strong=("apgd-ce:steps=5", "apgd-t:steps=5,n_target_classes=3"),
                            eval_batch_size=48),
-    "cpu": StudySettings(robust_val_size=500, strong=("apgd-ce:steps=100", "apgd-t:steps=100,n_target_classes=9")),
+    "cpu": StudySettings(strong=("apgd-ce:steps=100", "apgd-t:steps=100,n_target_classes=9")),
 }
 
 
@@ -100,9 +99,7 @@ def frontier_points(preset: Table1Preset, out: Path, table1_dir: Path | None, da
 
     def cfg_for(method: str, substitute: str | None) -> TrainConfig:
         cfg = preset.method_config("pgd-at" if method == "pgd-at-matched" else method, substitute)
-        cfg.data_root, cfg.device = data_root, device
-        if method == "fast-at":
-            cfg.robust_val_size, cfg.keep_best = study_settings(preset).robust_val_size, True
+        cfg.data_root, cfg.device = data_root, device  # Fast-AT's robust_val_size and keep_best: the preset's
         return cfg
 
     sub_cfg = preset.substitute_config()

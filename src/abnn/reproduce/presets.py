@@ -118,7 +118,7 @@ PRESETS: dict[str, Table1Preset] = {
         description="tiny widths and a few hundred images; checks the pipeline end to end, its accuracies mean nothing",
         substitute_width=1 / 16, substitute_epochs=1, substitute_lr=0.02, substitute_train_size=256,
         width=1 / 16, epochs=1, batch_size=64, train_size=256, val_size=64, n_eval=48, eval_batch_size=48,
-        roa_stride=2,
+        roa_stride=2, robust_val_size=32,
     ),
     "cpu": Table1Preset(
         name="cpu",
