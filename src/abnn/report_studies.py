@@ -38,15 +38,16 @@ def _header(title: str, summary: dict) -> list[str]:
     return lines
 
 
-def figure_frontier(records: list[dict], path: Path, title: str) -> None:
-    """Clean and worst-case robust accuracy against measured training seconds and against the
-    total counted cost, one labelled point per method."""
+def figure_frontier(records: list[dict], path: Path, title: str, clock: str = "train_seconds") -> None:
+    """Clean and worst-case robust accuracy against measured training time (by ``clock``, the
+    one the cost matching used) and against the total counted cost, one labelled point per method."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=100)
-    for ax, key, label in ((axes[0], "train_seconds", "measured training time (min)"),
-                           (axes[1], "total_cost_N", "total counted cost (N passes x steps, millions)")):
-        scale = 1 / 60 if key == "train_seconds" else 1e-6
+    time_label = "training time (min, process CPU time)" if clock == "train_cpu_seconds" else "training time (min, wall)"
+    for ax, key, label in ((axes[0], clock, time_label),
+                           (axes[1], "total_cost_N", "total counted cost (thousands of N; N = one pass over a batch)")):
+        scale = 1 / 60 if key != "total_cost_N" else 1e-3
         for i, r in enumerate(records):
             x = r[key] * scale
             color = f"C{i}"
@@ -94,7 +95,7 @@ def write_frontier_report(out: Path, summary: dict) -> None:
     out = Path(out)
     recs = summary["records"]
     title = f"Robustness against training cost, preset {summary['preset']['name']}"
-    figure_frontier(recs, out / "frontier.png", title)
+    figure_frontier(recs, out / "frontier.png", title, summary["matched"]["clock_key"])
     figure_robust_epochs(recs, out / "fast_at_epochs.png", "Fast-AT: per-epoch PGD-5 accuracy (catastrophic overfitting)")
     lines = _header(title, summary)
     lines += ["## Results (%)", "",
@@ -149,20 +150,23 @@ def write_frontier_report(out: Path, summary: dict) -> None:
 
 
 def figure_substitute_study(records: list[dict], path: Path, title: str) -> None:
-    """ABNN's PGD-5 and worst-case robust accuracy against its substitute's own accuracy."""
+    """ABNN's PGD-5 and worst-case robust accuracy (and, for scale, its clean accuracy) against
+    its substitute's own accuracy, on the full 0-100% scale."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=100)
     for i, r in enumerate(records):
         x = 100 * r["substitute_val_acc"]
         marker = "^" if r["in_domain"] else "o"
+        ax.scatter([x], [100 * r["clean_acc"]], marker="x", color=f"C{i}", s=40)
         ax.scatter([x], [100 * r["robust_acc"].get("pgd", 0)], marker=marker, facecolors="none", edgecolors=f"C{i}", s=60)
         ax.scatter([x], [100 * r["worst_case_acc"]], marker=marker, color=f"C{i}", s=60, label=r["label"])
-    ax.set_xlabel("substitute's own validation accuracy (%); in-domain = CIFAR-10 test, else tinyimagenet32 val")
-    ax.set_ylabel("ABNN robust accuracy (%)")
-    ax.set_ylim(bottom=-1)
+    ax.set_xlabel("substitute's own validation accuracy (%)\n(in-domain: CIFAR-10 test; others: tinyimagenet32 val)")
+    ax.set_ylabel("ABNN accuracy (%)")
+    ax.set_ylim(-2, 100)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="best", title="hollow: PGD-5; filled: worst case; triangle: in-domain", title_fontsize=6)
+    ax.legend(fontsize=6, loc="upper left",
+              title="x: clean; hollow: PGD-5; filled: worst case; triangle: in-domain", title_fontsize=6)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)

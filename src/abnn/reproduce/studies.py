@@ -73,7 +73,7 @@ def run_studies(preset: Table1Preset, out: str | Path, *, data_root: str | None 
     done.update(ev_done)
     stages += [Stage(f"analysis:{p.name}", job_analysis,
                      (p.run, val, spec.n_eval, spec.batch_size, spec.seed, data_root, device, force),
-                     after=(p.name,) if p.name not in done else (), weight=0.2) for p, val in analysed]
+                     after=(p.name, f"eval:{p.name}"), weight=0.2) for p, val in analysed]  # one lock holder a run
     workers, per_stage = plan_workers(jobs, threads, stages)
     with_progress([s for s in stages if not s.name.startswith("analysis:")], workers, progress)
     _log(f"studies: {len(stages)} stages to run, {len(done)} reused; {workers} at a time, {per_stage} thread(s) each")

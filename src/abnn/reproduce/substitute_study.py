@@ -198,7 +198,8 @@ def run_substitute_study(preset: Table1Preset, out: str | Path, *, table1_dir: s
     done.update(ev_done)
     stages += [Stage(f"analysis:{p.name}", job_analysis,
                      (p.run, s.val_dataset, spec.n_eval, spec.batch_size, spec.seed, data_root, device, force),
-                     after=(p.name,), weight=0.2) for s, p in zip(subs, models)]
+                     after=(p.name, f"eval:{p.name}"), weight=0.2)  # after the evaluation: one lock holder a run
+               for s, p in zip(subs, models)]
     workers, per_stage = plan_workers(jobs, threads, stages)
     with_progress([s for s in stages if not s.name.startswith("analysis:")], workers, progress)
     _log(f"substitute study: {len(stages)} stages to run, {len(done)} reused; {workers} at a time")
