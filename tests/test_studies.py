@@ -98,3 +98,19 @@ def test_resnet20_tapped_by_module_name_as_substitute(tmp_path, data_root):
     assert cfg.substitute_taps == ["layer1.0", "layer1", "layer2", "layer3.0", "layer3"]
     ref = resnet20_reference(str(weights))
     assert all(torch.equal(a, b) for a, b in zip(model.substitute.state_dict().values(), ref.state_dict().values()))
+
+
+def test_every_analysis_waits_for_its_runs_evaluation(tmp_path):
+    """The statistics shift and the evaluation of one run both hold its folder's lock: the
+    schedule must never start them together (a cpu study once stopped on exactly that)."""
+    from abnn.reproduce import get_preset
+    from abnn.reproduce.frontier import study_eval
+    from abnn.reproduce.studies import study_points
+    from abnn.reproduce.substitute_study import analysis_stages
+
+    preset = get_preset("smoke")
+    _, analysed = study_points(preset, tmp_path, None, "cpu")
+    stages = analysis_stages(analysed, study_eval(preset), None, "cpu", False)
+    assert len(stages) in (4, 5)  # the ResNet-20 point needs the data's weights file
+    for s, (p, _) in zip(stages, analysed):
+        assert set(s.after) == {p.name, f"eval:{p.name}"} and s.args[0] == p.run

@@ -22,7 +22,7 @@ from .frontier import frontier_points, run_frontier, study_eval
 from .presets import Table1Preset
 from .schedule import Stage, plan_workers, run_stages
 from .stages import TrainPoint, eval_stages, train_stages, with_progress
-from .substitute_study import abnn_point, job_analysis, run_substitute_study, substitutes
+from .substitute_study import abnn_point, analysis_stages, run_substitute_study, substitutes
 from .table1 import _log
 
 
@@ -71,9 +71,7 @@ def run_studies(preset: Table1Preset, out: str | Path, *, data_root: str | None 
     ev, ev_done = eval_stages(models, spec, data_root, device, force=force)
     stages += ev
     done.update(ev_done)
-    stages += [Stage(f"analysis:{p.name}", job_analysis,
-                     (p.run, val, spec.n_eval, spec.batch_size, spec.seed, data_root, device, force),
-                     after=(p.name, f"eval:{p.name}"), weight=0.2) for p, val in analysed]  # one lock holder a run
+    stages += analysis_stages(analysed, spec, data_root, device, force)
     workers, per_stage = plan_workers(jobs, threads, stages)
     with_progress([s for s in stages if not s.name.startswith("analysis:")], workers, progress)
     _log(f"studies: {len(stages)} stages to run, {len(done)} reused; {workers} at a time, {per_stage} thread(s) each")

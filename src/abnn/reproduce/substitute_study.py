@@ -24,6 +24,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +36,7 @@ from ..training.loop import software_versions
 from .frontier import study_eval
 from .presets import Table1Preset
 from .schedule import Stage, plan_workers, run_stages
-from .stages import TrainPoint, eval_of, eval_stages, place, train_stages, with_progress
+from .stages import StudyEval, TrainPoint, eval_of, eval_stages, place, train_stages, with_progress
 from .table1 import _log
 
 #: the reference ResNet-20's taps, paired in order with the target's five stages (by resolution:
@@ -177,6 +178,15 @@ def job_analysis(run: Path, val_dataset: str, n_eval: int, batch_size: int, seed
         return res
 
 
+def analysis_stages(points: Sequence[tuple[TrainPoint, str]], spec: StudyEval, data_root: str | None, device: str,
+                    force: bool) -> list[Stage]:
+    """One statistics-shift stage per (ABNN point, dataset of its substitute's accuracy), each
+    after the point's training *and* evaluation: both hold the run folder's lock."""
+    return [Stage(f"analysis:{p.name}", job_analysis,
+                  (p.run, val, spec.n_eval, spec.batch_size, spec.seed, data_root, device, force),
+                  after=(p.name, f"eval:{p.name}"), weight=0.2) for p, val in points]
+
+
 def run_substitute_study(preset: Table1Preset, out: str | Path, *, table1_dir: str | Path | None = None,
                          data_root: str | None = None, device: str = "cpu", force: bool = False,
                          progress: bool = True, command: str = "", jobs: int | None = None,
@@ -196,10 +206,7 @@ def run_substitute_study(preset: Table1Preset, out: str | Path, *, table1_dir: s
     ev, ev_done = eval_stages(models, spec, data_root, device, force=force)
     stages += ev
     done.update(ev_done)
-    stages += [Stage(f"analysis:{p.name}", job_analysis,
-                     (p.run, s.val_dataset, spec.n_eval, spec.batch_size, spec.seed, data_root, device, force),
-                     after=(p.name, f"eval:{p.name}"), weight=0.2)  # after the evaluation: one lock holder a run
-               for s, p in zip(subs, models)]
+    stages += analysis_stages([(p, s.val_dataset) for s, p in zip(subs, models)], spec, data_root, device, force)
     workers, per_stage = plan_workers(jobs, threads, stages)
     with_progress([s for s in stages if not s.name.startswith("analysis:")], workers, progress)
     _log(f"substitute study: {len(stages)} stages to run, {len(done)} reused; {workers} at a time")
