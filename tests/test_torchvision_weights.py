@@ -40,19 +40,14 @@ def _substitute_from_file(path, arch: str) -> nn.Module:
     return build_substitute(cfg).eval()
 
 
-def test_torchvision_vgg19_bn_file_gives_torchvision_features(tmp_path):
-    from torchvision.models import vgg19_bn
-
-    torch.manual_seed(0)
-    tv = vgg19_bn(weights=None).eval()
+def _check_same_features(tv, arch: str, tap_modules, x, mean, std, tmp_path) -> None:
+    """Save torchvision's (BN-randomised) model as a state dict, load it as our substitute
+    through the --substitute PATH route; our five taps equal torchvision's features there."""
     _randomise_bn(tv)
-    path = tmp_path / "vgg19_bn.pth"
+    path = tmp_path / f"{arch}.pth"
     torch.save(tv.state_dict(), path)
-    sub = _substitute_from_file(path, "vgg19_bn")
-
-    x = torch.rand(2, 3, 32, 32)
-    feats, handles = _hooked([tv.features[i] for i in VGG19_BN_TAPS])
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    sub = _substitute_from_file(path, arch)
+    feats, handles = _hooked(tap_modules(tv))
     with torch.no_grad():
         tv((x - mean) / std)
         ours = sub(x, return_taps=True)
@@ -61,30 +56,25 @@ def test_torchvision_vgg19_bn_file_gives_torchvision_features(tmp_path):
     assert len(ours) == len(feats) == 5
     for a, b in zip(ours, feats):
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_torchvision_vgg19_bn_file_gives_torchvision_features(tmp_path):
+    from torchvision.models import vgg19_bn
+
+    torch.manual_seed(0)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    _check_same_features(vgg19_bn(weights=None).eval(), "vgg19_bn", lambda tv: [tv.features[i] for i in VGG19_BN_TAPS],
+                         torch.rand(2, 3, 32, 32), mean, std, tmp_path)
 
 
 def test_torchvision_r3d_18_file_gives_torchvision_features(tmp_path):
     from torchvision.models.video import r3d_18
 
     torch.manual_seed(0)
-    tv = r3d_18(weights=None).eval()
-    _randomise_bn(tv)
-    path = tmp_path / "r3d_18.pth"
-    torch.save(tv.state_dict(), path)
-    sub = _substitute_from_file(path, "r3d_18")
-
-    x = torch.rand(1, 3, 4, 32, 32)
     mean = torch.tensor([0.43216, 0.394666, 0.37645]).view(1, 3, 1, 1, 1)
     std = torch.tensor([0.22803, 0.22145, 0.216989]).view(1, 3, 1, 1, 1)
-    feats, handles = _hooked([getattr(tv, n) for n in R3D18_TAPS])
-    with torch.no_grad():
-        tv((x - mean) / std)
-        ours = sub(x, return_taps=True)
-    for h in handles:
-        h.remove()
-    assert len(ours) == len(feats) == 5
-    for a, b in zip(ours, feats):
-        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    _check_same_features(r3d_18(weights=None).eval(), "r3d_18", lambda tv: [getattr(tv, n) for n in R3D18_TAPS],
+                         torch.rand(1, 3, 4, 32, 32), mean, std, tmp_path)
 
 
 def test_torchvision_file_at_another_width_is_one_clear_error(tmp_path):
