@@ -84,3 +84,21 @@ def test_missing_package_is_one_line(tiny_run, fake_data_root, capsys, monkeypat
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "pip install -e '.[autoattack]'" in err
     assert not (tiny_run / "autoattack.json").exists()
+
+
+def test_official_attacks_correctly_classified_images_in_our_cpu_layout() -> None:
+    """Our attacks hand 4-D CPU batches over in channels-last; the authors' code reshapes
+    gradients with ``view`` and must get them in the default layout.  Every image here is
+    classified correctly (labels = the model's predictions), so the official attacks really run."""
+    from abnn.attacks.official import OfficialAutoAttack
+    from abnn.models import resnet18_cifar
+
+    _official()
+    torch.manual_seed(0)
+    model = resnet18_cifar(width=1 / 16).eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    x_adv = OfficialAutoAttack(model, eps=8 / 255, seed=0)(x, y)
+    assert x_adv.shape == x.shape and x_adv.is_contiguous()
+    assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1

@@ -79,5 +79,7 @@ class OfficialAutoAttack(Attack):
         aa.verbose = False
         params = inspect.signature(aa.run_standard_evaluation).parameters
         size = {"batch_size": len(x)} if "batch_size" in params else {"bs": len(x)}
-        out = aa.run_standard_evaluation(x, y, **size)
+        # the authors' code reshapes gradients with .view: it needs the default layout, not the
+        # channels-last one our attacks use on the CPU (the result goes back to x's layout)
+        out = aa.run_standard_evaluation(x.contiguous(), y, **size)
         return (out[0] if isinstance(out, tuple) else out).to(x.dtype)
