@@ -119,14 +119,17 @@ def counted_passes(method: str, at_steps: int) -> tuple[int, int, float]:
 
 def _train_images(cfg: TrainConfig) -> int:
     """Training images of a config (the data files' sizes; nothing is trained)."""
-    opts = {k: True for k, on in (("include_jpeg", cfg.include_jpeg), ("full", cfg.full_cifar10)) if on}
-    return len(load_dataset(cfg.dataset, "train", cfg.data_root, **opts).subset(cfg.train_size))
+    from ..training.loop import dataset_options
+
+    return len(load_dataset(cfg.dataset, "train", cfg.data_root, **dataset_options(cfg, "train")).subset(cfg.train_size))
 
 
 def _val_images(cfg: TrainConfig) -> int:
     if cfg.val_size == 0:
         return 0
-    return len(load_dataset(cfg.dataset, "test", cfg.data_root).subset(cfg.val_size))
+    from ..training.loop import dataset_options
+
+    return len(load_dataset(cfg.dataset, "test", cfg.data_root, **dataset_options(cfg, "test")).subset(cfg.val_size))
 
 
 def _pgd_flops(pf: PassFlops, steps: int) -> float:

@@ -91,6 +91,16 @@ def _job_matched(run: Path, base: TrainConfig, abnn_run: Path, pgdat_run: Path, 
     return _job_train(run, dataclasses.replace(base, epochs=m["matched_epochs"]), force, progress)
 
 
+def matched_stage(by: dict[str, TrainPoint], done: dict, force: bool) -> list[Stage]:
+    """The cost-matched PGD-AT's training stage (none when it finished earlier): its epochs are
+    fixed only once ABNN and PGD-AT have trained (:func:`_job_matched`)."""
+    matched = by["pgd-at-matched"]
+    if not force and matched.is_finished():
+        return []
+    return [Stage("pgd-at-matched", _job_matched, (matched.run, matched.cfg, by["abnn"].run, by["pgd-at"].run, force),
+                  after=tuple(n for n in ("abnn", "pgd-at") if n not in done), weight=2.0)]
+
+
 def frontier_points(preset: Table1Preset, out: Path, table1_dir: Path | None, data_root: str | None,
                     device: str) -> list[TrainPoint]:
     """The training stages: the substitute and the five models (the matched one's config is
@@ -131,11 +141,9 @@ def run_frontier(preset: Table1Preset, out: str | Path, *, table1_dir: str | Pat
     if matched.is_finished() and not force:  # its epochs were fixed when it trained
         matched.cfg.epochs = TrainConfig.load(matched.run / "config.json").epochs
     stages, done = train_stages([p for p in points if p.name != "pgd-at-matched"], force=force)
-    if force or not matched.is_finished():
-        stages.append(Stage("pgd-at-matched", _job_matched,
-                            (matched.run, matched.cfg, by["abnn"].run, by["pgd-at"].run, force),
-                            after=tuple(n for n in ("abnn", "pgd-at") if n not in done), weight=2.0))
-    else:
+    to_train = matched_stage(by, done, force)
+    stages += to_train
+    if not to_train:
         done["pgd-at-matched"] = read_json(matched.run / "train_results.json")
     models = [by[m] for m in FRONTIER]
     spec = study_eval(preset)

@@ -18,9 +18,9 @@ import dataclasses
 import time
 from pathlib import Path
 
-from .frontier import frontier_points, run_frontier, study_eval
+from .frontier import frontier_points, matched_stage, run_frontier, study_eval
 from .presets import Table1Preset
-from .schedule import Stage, plan_workers, run_stages
+from .schedule import plan_workers, run_stages
 from .stages import TrainPoint, eval_stages, train_stages, with_progress
 from .substitute_study import abnn_point, analysis_stages, run_substitute_study, substitutes
 from .table1 import _log
@@ -53,19 +53,13 @@ def run_studies(preset: Table1Preset, out: str | Path, *, data_root: str | None 
                 force: bool = False, progress: bool = True, command: str = "", jobs: int | None = None,
                 threads: int | None = None) -> dict:
     """Train and evaluate every point of both studies in one schedule, then write both reports."""
-    from .frontier import _job_matched
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     points, analysed = study_points(preset, out, data_root, device)
     by = {p.name: p for p in points}
-    matched = by["pgd-at-matched"]
-    stages, done = train_stages([p for p in points if p is not matched], force=force)
-    if force or not matched.is_finished():
-        stages.append(Stage("pgd-at-matched", _job_matched,
-                            (matched.run, matched.cfg, by["abnn"].run, by["pgd-at"].run, force),
-                            after=tuple(n for n in ("abnn", "pgd-at") if n not in done), weight=2.0))
+    stages, done = train_stages([p for p in points if p is not by["pgd-at-matched"]], force=force)
+    stages += matched_stage(by, done, force)
     spec = study_eval(preset)
     models = [p for p in points if p.name != "substitute" and not p.name.startswith("sub:")]
     ev, ev_done = eval_stages(models, spec, data_root, device, force=force)

@@ -225,6 +225,17 @@ def robust_accuracy(model: nn.Module, data, batch_size: int, device: torch.devic
     return robust.item() / len(data)
 
 
+def dataset_options(cfg: TrainConfig, split: str) -> dict:
+    """The ``load_dataset`` options of a run's ``split``: frames per clip, the full CIFAR-10, and
+    for training the JPEG-q75 images."""
+    opts: dict = {"frames": cfg.frames}
+    if cfg.full_cifar10:
+        opts["full"] = True
+    if split == "train" and cfg.include_jpeg:
+        opts["include_jpeg"] = True
+    return opts
+
+
 def robust_val_data(cfg: TrainConfig) -> tuple[ImageData | None, str]:
     """Images for the per-epoch robust accuracy and where they come from: for CIFAR-10 the first
     ``robust_val_size`` JPEG training images that no run without ``include_jpeg`` trains on (held-out
@@ -237,8 +248,7 @@ def robust_val_data(cfg: TrainConfig) -> tuple[ImageData | None, str]:
         held = load_cifar10_heldout(k, cfg.data_root)
         if held is not None and len(held) == k:
             return held, f"the first {k} JPEG-q75 CIFAR-10 training images (held out of training)"
-    test = load_dataset(cfg.dataset, "test", cfg.data_root, frames=cfg.frames,
-                        **({"full": True} if cfg.full_cifar10 else {}))
+    test = load_dataset(cfg.dataset, "test", cfg.data_root, **dataset_options(cfg, "test"))
     first = len(test) if cfg.val_size is None else cfg.val_size
     if first + k > len(test):
         raise AbnnError(f"--robust-val-size {k} overlaps the {first} validation images of the {len(test)}-image "
@@ -342,10 +352,8 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
 
-    opts = {k: True for k, on in (("include_jpeg", cfg.include_jpeg), ("full", cfg.full_cifar10)) if on}
-    train_data = load_dataset(cfg.dataset, "train", cfg.data_root, frames=cfg.frames, **opts).subset(cfg.train_size)
-    val_opts = {"full": True} if cfg.full_cifar10 else {}
-    val_data = (load_dataset(cfg.dataset, "test", cfg.data_root, frames=cfg.frames, **val_opts).subset(cfg.val_size)
+    train_data = load_dataset(cfg.dataset, "train", cfg.data_root, **dataset_options(cfg, "train")).subset(cfg.train_size)
+    val_data = (load_dataset(cfg.dataset, "test", cfg.data_root, **dataset_options(cfg, "test")).subset(cfg.val_size)
                 if cfg.val_size != 0 else None)
     rob_data, rob_source = robust_val_data(cfg)
 
