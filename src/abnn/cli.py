@@ -18,8 +18,11 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .config import AMP_MODES, METHODS, TrainConfig
+from .config import AMP_MODES, TrainConfig
 from .errors import AbnnError
+
+#: the methods ``pretrain-substitute`` offers (the substitute is a plain classifier)
+SUBSTITUTE_METHODS = ("standard", "fast-at", "pgd-at")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -30,7 +33,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_opts(p: argparse.ArgumentParser, d: TrainConfig) -> None:
-    p.add_argument("--out", required=True, help="run folder to create (or to continue with --resume)")
+    p.add_argument("--out", default=None, help="run folder to create (or to continue with --resume); required")
     p.add_argument("--width", type=float, default=d.width, help=f"channel width multiplier (default {d.width})")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs (default {d.epochs})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"batch size (default {d.batch_size})")
@@ -49,6 +52,18 @@ def _add_train_opts(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     _add_common(p)
 
 
+def _add_adversarial_opts(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The options of the adversarial-training methods (pgd-at, fast-at), for targets and substitutes."""
+    p.add_argument("--at-steps", type=int, default=d.at_steps, help="PGD-AT attack steps t_max (default 5)")
+    p.add_argument("--fast-at-alpha", type=_pixels, default=d.fast_at_alpha, metavar="K/255",
+                   help="Fast-AT's FGSM step in pixel units, written k/255 (default 10/255 = 1.25 eps)")
+    p.add_argument("--robust-val-size", type=int, default=d.robust_val_size, metavar="K",
+                   help="per-epoch PGD-5 accuracy on K held-out images (CIFAR-10: JPEG training images no run "
+                        "trains on; else the last K test images, left out of the clean validation); 0: off (default)")
+    p.add_argument("--keep-best", action="store_true",
+                   help="model.pt = the epoch of best per-epoch PGD accuracy (needs --robust-val-size; Wong et al.)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="abnn", description="Adaptive Batch Normalization Networks: train, attack, evaluate.")
     parser.add_argument("--version", action="version", version=f"abnn {_version()}")
@@ -57,13 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain-substitute", help="pretrain the VGG-19-BN substitute on tinyimagenet32",
                        description="Pretrain the substitute on a dataset other than the target (METHOD.md s. 3) "
                                    "and report its validation accuracy.")
-    _add_train_opts(p, TrainConfig(dataset="tinyimagenet32", arch="vgg19_bn", lr=0.05, val_size=None))
+    p.add_argument("--method", choices=SUBSTITUTE_METHODS, default="standard",
+                   help="standard (default; the paper), or an adversarial pretraining at eps 8/255 (fast-at, pgd-at): "
+                        "a robust substitute, pretrained once and reused by any number of targets. It breaks the "
+                        "paper's 'no adversarial training' premise for the substitute, on purpose")
+    d_sub = TrainConfig(dataset="tinyimagenet32", arch="vgg19_bn", lr=0.05, val_size=None)
+    _add_adversarial_opts(p, d_sub)
+    p.add_argument("--amp", choices=AMP_MODES, default=d_sub.amp, help="mixed precision (as for abnn train)")
+    _add_train_opts(p, d_sub)
     p.set_defaults(func=cmd_pretrain, lr=0.05, val_size=-1)
 
     p = sub.add_parser("train", help="train a CIFAR-10 model: standard, abnn, pgd-at or fast-at",
                        description="Train a target on CIFAR-10 with one method.")
     d = TrainConfig()
-    p.add_argument("--method", choices=METHODS, default="standard")
+    p.add_argument("--method", default="standard", help="a training method (--list-methods shows them)")
+    p.add_argument("--list-methods", action="store_true", help="list the training methods and exit")
     p.add_argument("--arch", default=d.arch, help=f"target architecture (default {d.arch})")
     p.add_argument("--substitute", default=None, help="ABNN: substitute run folder, weights file (torchvision's vgg19_bn / r3d_18 "
                    "format too: the offline form of the downloads), or IMAGENET1K_V1 (downloaded)")
@@ -78,14 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "layer1.0,layer1,layer2,layer3.0,layer3")
     p.add_argument("--allow-in-domain-substitute", action="store_true",
                    help="accept a substitute trained on CIFAR-10 itself: an upper bound that breaks ABNN's premise")
-    p.add_argument("--at-steps", type=int, default=d.at_steps, help="PGD-AT attack steps t_max (default 5)")
-    p.add_argument("--fast-at-alpha", type=_pixels, default=d.fast_at_alpha, metavar="K/255",
-                   help="Fast-AT's FGSM step in pixel units, written k/255 (default 10/255 = 1.25 eps)")
-    p.add_argument("--robust-val-size", type=int, default=d.robust_val_size, metavar="K",
-                   help="per-epoch PGD-5 accuracy on K held-out images (CIFAR-10: JPEG training images no run "
-                        "trains on; else the last K test images); 0: off (default)")
-    p.add_argument("--keep-best", action="store_true",
-                   help="model.pt = the epoch of best per-epoch PGD accuracy (needs --robust-val-size; Wong et al.)")
+    _add_adversarial_opts(p, d)
     p.add_argument("--include-jpeg", action="store_true", help="add the 30k JPEG-q75 CIFAR-10 training images")
     _add_train_opts(p, d)
     g = p.add_argument_group(
@@ -147,12 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="reproduce a table of the paper in one command",
                        description="Run a whole table: substitute, every method, evaluation, report.md, results.json, "
                                    "figures. Finished stages are reused (resumable); --force redoes them.")
-    p.add_argument("table", choices=("table1", "table2", "table3", "video", "frontier", "substitute-study", "studies"),
+    p.add_argument("table", choices=("table1", "table2", "table3", "video", "frontier", "substitute-study", "studies",
+                                     "robust-substitute", "forensics"),
                    help="table1: CIFAR-10 PGD; table2/table3/video: UCF-101 PGD and ROA (one run makes both); "
                         "frontier: clean and worst-case accuracy against training cost (no defense, ABNN, Fast-AT, "
                         "PGD-AT at the preset's and at ABNN's training time); substitute-study: ABNN with "
                         "substitutes of increasing strength (both on the Table 1 preset); studies: both, in one "
-                        "schedule that trains their shared models once (OUT/frontier, OUT/substitute-study)")
+                        "schedule that trains their shared models once (OUT/frontier, OUT/substitute-study); "
+                        "robust-substitute: ABNN with an adversarially pretrained substitute against a probe on it "
+                        "and Fast-AT / PGD-AT; forensics: ABNN under weaker attack protocols, gradient attribution "
+                        "and path swap (why the paper saw robustness)")
     p.add_argument("--preset", default="cpu", choices=("smoke", "cpu", "gpu", "paper"),
                    help="smoke: minutes, tiny; cpu: about 75 min on 2 cores (table1 only); gpu: one H100/H200-class GPU, "
                         "offline, about 6 min by estimate (table1); paper: full scale, GPU + network")
@@ -167,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table1-out", default=None, metavar="DIR",
                    help="frontier / substitute-study: reuse the finished stages of this Table 1 reproduction when "
                         "their settings match (default out/table1-<preset> when it exists)")
+    p.add_argument("--studies-out", default=None, metavar="DIR",
+                   help="robust-substitute / forensics: reuse the finished models of this `reproduce studies` run when "
+                        "their settings match (default out/studies-<preset> when it exists)")
     p.add_argument("--jobs", type=int, default=None,
                    help="table1: independent stages run at once, each in its own process (default: as many as the "
                         "cores allow; --threads then sets the torch threads per stage, default cores / jobs)")
@@ -227,6 +250,8 @@ def _version() -> str:
 
 
 def _config_from_args(a: argparse.Namespace, **fixed) -> TrainConfig:
+    if a.out is None:
+        raise AbnnError(f"abnn {a.command} needs --out RUN_FOLDER (the run folder to create, or to continue with --resume)")
     return TrainConfig(
         width=a.width, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
         weight_decay=a.weight_decay, seed=a.seed, train_size=a.train_size,
@@ -238,9 +263,15 @@ def _config_from_args(a: argparse.Namespace, **fixed) -> TrainConfig:
 def cmd_pretrain(a: argparse.Namespace) -> int:
     from .training import train
 
-    cfg = _config_from_args(a, method="standard", dataset="tinyimagenet32", arch="vgg19_bn")
+    from .training.loop import clean_val_size
+
+    cfg = _config_from_args(a, method=a.method, dataset="tinyimagenet32", arch="vgg19_bn", at_steps=a.at_steps,
+                            fast_at_alpha=a.fast_at_alpha, robust_val_size=a.robust_val_size,
+                            keep_best=a.keep_best, amp=a.amp)
+    cfg.val_size = clean_val_size(cfg)  # --val-size -1 (all) leaves out the --robust-val-size images
     res = train(cfg, a.out, resume=a.resume, progress=not a.no_progress, max_steps=a.max_steps)
-    print(json.dumps({"run": a.out, "val_acc": res["final_val_acc"], "val_size": res["val_size"],
+    print(json.dumps({"run": a.out, "method": cfg.method, "val_acc": res["final_val_acc"], "val_size": res["val_size"],
+                      "best_val_pgd_acc": res.get("best_val_pgd_acc"), "cost_N_per_step": res["cost_N_per_step"],
                       "train_seconds": round(res["train_seconds"], 1)}))
     return 0
 
@@ -250,6 +281,11 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     from .training import train
     from .training.distributed import launch_torchrun, strip_nproc
+    from .training.methods import describe_methods
+
+    if a.list_methods:
+        print(describe_methods())
+        return 0
 
     cfg = _config_from_args(
         a, method=a.method, dataset="cifar10", arch=a.arch, substitute=a.substitute,
@@ -384,6 +420,8 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
                           "substitute_study": f"{out}/substitute-study/report.md",
                           "records": len(both["frontier"]["records"]) + len(both["substitute_study"]["records"])}))
         return 0
+    if a.table in ("robust-substitute", "forensics"):
+        return _reproduce_on_studies(a, command)
     if a.table in ("frontier", "substitute-study"):
         from pathlib import Path
 
@@ -418,6 +456,33 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
     return _print_records(out, res)
 
 
+def _reproduce_on_studies(a: argparse.Namespace, command: str) -> int:
+    """The studies that build on `reproduce studies` (its models reused from --studies-out)."""
+    from .reproduce import get_preset
+    from .reproduce.frontier import study_settings
+    from .reproduce.presets import apply_overrides
+    from .training import resolve_device
+
+    preset = apply_overrides(get_preset(a.preset), a.overrides)
+    study_settings(preset)
+    studies = a.studies_out
+    if studies is not None and not Path(studies, "frontier").is_dir():
+        raise AbnnError(f"--studies-out {studies}: no `reproduce studies` output there (no {studies}/frontier folder); "
+                        "check the path, or leave the option out to train what is missing")
+    if studies is None and Path(f"out/studies-{a.preset}/frontier").is_dir():
+        studies = f"out/studies-{a.preset}"
+    if a.table == "robust-substitute":
+        from .reproduce.robust_substitute import run_robust_substitute as runner
+    else:
+        from .reproduce.forensics import run_forensics as runner
+    out = a.out or f"out/{a.table}-{a.preset}"
+    res = runner(preset, out, studies_dir=studies, data_root=a.data_root, device=str(resolve_device(a.device)),
+                 force=a.force, progress=not a.no_progress, command=command, jobs=a.jobs, threads=a.threads)
+    print(json.dumps({"out": out, "report": f"{out}/report.md", "records": [
+        {k: r.get(k) for k in ("name", "clean_acc", "worst_case_acc")} for r in res["records"]]}))
+    return 0
+
+
 def _print_estimate(preset, a: argparse.Namespace) -> int:
     """``reproduce table1 --estimate``: counted FLOPs and time at an assumed throughput; nothing runs."""
     from .config import write_json_atomic
@@ -441,6 +506,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
     from .benchmark import bench_throughput, bench_train_cost
     from .training import resolve_device
+    from .training.methods import METHODS
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -20,9 +20,8 @@ from .errors import AbnnError
 from .files import write_json_atomic
 
 __all__ = ["TrainConfig", "SettingDifference", "config_differences", "defining_fields", "flag_of", "run_identity",
-           "write_json_atomic", "METHODS", "AMP_MODES"]
+           "write_json_atomic", "AMP_MODES"]
 
-METHODS = ("standard", "abnn", "pgd-at", "fast-at", "oudefend")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 
 
@@ -58,7 +57,7 @@ class TrainConfig:
     process count, which a resume may also change) and ``checkpoint_every``.
     """
 
-    method: str = "standard"                 # standard | abnn | pgd-at | fast-at | oudefend
+    method: str = "standard"                 # a name of the method registry (abnn.training.methods)
     dataset: str = field(default="cifar10", metadata=_NO_FLAG)  # cifar10 | tinyimagenet32 | clips13 | ucf101
     arch: str = "resnet18_cifar"             # resnet18_cifar | vgg19_bn | ... (abnn.models.MODELS)
     width: float = 1.0
@@ -112,13 +111,14 @@ class TrainConfig:
         """Refuse, in one line naming the flag, any setting that cannot make a run."""
         from .data.datasets import DATASETS
         from .models import MODELS
+        from .training.methods import METHODS
 
-        _choice("method", self.method, METHODS)
+        _choice("method", self.method, tuple(METHODS))
         _choice("dataset", self.dataset, tuple(DATASETS))
         _choice("arch", self.arch, tuple(MODELS))
-        if self.method == "abnn" and not self.substitute:
-            raise AbnnError("method abnn needs a pretrained substitute: --substitute RUN_DIR|WEIGHTS|IMAGENET1K_V1 "
-                            "(make one with `abnn pretrain-substitute`)")
+        if METHODS[self.method].substitute and not self.substitute:
+            raise AbnnError(f"method {self.method} needs a pretrained substitute: --substitute RUN_DIR|WEIGHTS|"
+                            "IMAGENET1K_V1 (make one with `abnn pretrain-substitute`)")
         for name in ("width", "substitute_width", "lr", "at_alpha", "fast_at_alpha"):
             _need(self, name, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
         for name in ("momentum", "weight_decay"):

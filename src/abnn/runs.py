@@ -23,9 +23,10 @@ from .data.datasets import DATASETS, input_shape
 from .errors import AbnnError, RunLockedError, SettingsMismatchError
 from .files import ensure_writable
 from .framework import ABNN
-from .models import build_model, r3d18_substitute, resnet20_reference, vgg19_bn_substitute, with_oudefend
+from .models import MODELS, build_model, r3d18_substitute, resnet20_reference, vgg19_bn_substitute, with_oudefend
 from .models.io import check_state_dict, load_state_dict_file
 from .models.torchvision_weights import torchvision_file_arch
+from .probe import Probe
 
 #: pretrained substitute weights that torchvision downloads (the paper's substitutes)
 DOWNLOADABLE = {"IMAGENET1K_V1": {"arch": "vgg19_bn", "width": 1.0, "num_classes": 1000},
@@ -68,7 +69,9 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     """A copy of ``cfg`` with the substitute's architecture, width and class count taken from
     its source (a substitute run folder or torchvision weights), as a run records them.  A bare
     weights file keeps the config's values.  Reads no weights."""
-    if cfg.method != "abnn" or not cfg.substitute:
+    from .training.methods import get_method
+
+    if not get_method(cfg.method).substitute or not cfg.substitute:
         return dataclasses.replace(cfg)
     _, meta = resolve_substitute(cfg.substitute, in_domain=cfg.in_domain_substitute)
     return dataclasses.replace(cfg, substitute_arch=meta.get("arch", cfg.substitute_arch),
@@ -87,19 +90,31 @@ def build_substitute(cfg: TrainConfig, *, load_weights: bool = True) -> nn.Modul
         return r3d18_substitute(ncls, width=width, weights=weights)
     if arch == "resnet20":  # the reference CIFAR-10 ResNet-20, tapped by module name (substitute_taps)
         return resnet20_reference(weights)
-    raise AbnnError(f"unknown substitute architecture {arch!r}; use vgg19_bn (images), r3d_18 (video) or "
-                    "resnet20 (the reference CIFAR-10 model, with --substitute-taps)")
+    if arch in MODELS and cfg.substitute_taps:  # e.g. a CIFAR ResNet-18 run (Fast-AT), tapped by stage names
+        model = build_model(arch, num_classes=ncls, width=width)
+        if weights is not None:
+            model.load_state_dict(load_state_dict_file(weights, expect=model))
+        return model
+    raise AbnnError(f"unknown substitute architecture {arch!r}; use vgg19_bn (images), r3d_18 (video), resnet20 "
+                    "(the reference CIFAR-10 model) or another model of abnn.models with --substitute-taps")
 
 
 def build_model_from_config(cfg: TrainConfig, *, load_substitute: bool = True) -> nn.Module:
-    """The model of a run: the plain architecture, with an OUDefend block (``oudefend``), or
-    ABNN(target, frozen substitute).  ``cfg`` as resolved by :func:`resolve_config` (a recorded
+    """The model of a run, by its method's model kind: the plain architecture, with an OUDefend
+    block (``oudefend``), ABNN(target, frozen substitute), or a :class:`~abnn.probe.Probe` on the
+    frozen substitute.  ``cfg`` as resolved by :func:`resolve_config` (a recorded
     config is)."""
+    from .training.methods import get_method
+
+    kind = get_method(cfg.method).model
     ncls = DATASETS[cfg.dataset]["num_classes"]
+    if kind == "probe":  # no target: a head on the frozen substitute
+        return Probe(build_substitute(cfg, load_weights=load_substitute), ncls, taps=cfg.substitute_taps,
+                     input_shape=input_shape(cfg.dataset, frames=cfg.frames))
     target = build_model(cfg.arch, num_classes=ncls, width=cfg.width)
-    if cfg.method == "oudefend":
+    if kind == "oudefend":
         return with_oudefend(target, after="layer3")
-    if cfg.method != "abnn":
+    if kind != "abnn":
         return target
     substitute = build_substitute(cfg, load_weights=load_substitute)
     return ABNN(target, substitute, input_shape=input_shape(cfg.dataset, frames=cfg.frames), substitute_taps=cfg.substitute_taps,

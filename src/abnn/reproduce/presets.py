@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from ..config import TrainConfig
 from ..errors import AbnnError
+from ..training.methods import get_method
 
 #: The paper's Table 1 (CIFAR-10, PGD, %), for comparison only (METHOD.md s. 6).
 PAPER_TABLE1 = {
@@ -29,13 +30,10 @@ PAPER_VIDEO = {
 #: a method the paper does not report (Fast-AT): its paper columns stay empty
 NOT_IN_PAPER = {"clean": None, "pgd": None, "cost": None}
 
-METHOD_NAMES = {"standard": "No defense", "pgd-at": "PGD-AT", "abnn": "ABNN", "oudefend": "OUDefend",
-                "fast-at": "Fast-AT"}
-
 
 def paper_table1(method: str) -> dict:
     """The paper's Table 1 entry of ``method``, or empty columns for a method it does not report."""
-    return PAPER_TABLE1.get(method, {"name": METHOD_NAMES.get(method, method), **NOT_IN_PAPER})
+    return PAPER_TABLE1.get(method, {"name": get_method(method).display, **NOT_IN_PAPER})
 
 
 @dataclass(frozen=True)
@@ -85,7 +83,7 @@ class Table1Preset:
         return TrainConfig(method=method, dataset="cifar10", arch="resnet18_cifar", width=self.width,
                            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
                            train_size=self.train_size, val_size=self.val_size, at_steps=self.at_steps,
-                           substitute=substitute if method == "abnn" else None,
+                           substitute=substitute if get_method(method).substitute else None,
                            substitute_width=self.substitute_width, full_cifar10=self.full_cifar10,
                            include_jpeg=self.include_jpeg, amp=self.amp,
                            robust_val_size=self.robust_val_size if fast_at else 0, keep_best=fast_at,

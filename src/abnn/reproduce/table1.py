@@ -23,7 +23,8 @@ from ..runs import DOWNLOADABLE, check_same_run, load_run, read_json, run_lock
 from ..training import train
 from ..training.checkpoint import save_atomic
 from ..training.loop import software_versions
-from .presets import METHOD_NAMES, Table1Preset, paper_table1
+from ..training.methods import get_method
+from .presets import Table1Preset, paper_table1
 from .schedule import Stage, plan_workers, run_stages
 
 
@@ -122,7 +123,7 @@ def _examples(out: Path, preset, data_root: str | None, device: str) -> Path:
 def _record(method: str, cfg: TrainConfig, tr: dict, ev: dict, paper: dict) -> dict:
     """One RobustBench-like results record of a trained and evaluated method."""
     rec = {
-        "method": method, "name": METHOD_NAMES[method], "dataset": cfg.dataset, "architecture": cfg.arch,
+        "method": method, "name": get_method(method).display, "dataset": cfg.dataset, "architecture": cfg.arch,
         "width": cfg.width, "epochs": cfg.epochs, "train_size": tr["train_size"], "batch_size": cfg.batch_size,
         "clean_acc": ev["clean_acc"], "robust_acc": ev["robust_acc"], "n_eval": ev["n_eval"],
         "attacks": ev["attacks"], "attack_seconds": ev["attack_seconds"],

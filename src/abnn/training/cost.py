@@ -98,13 +98,19 @@ class PassCounter:
 
 
 def attach_networks(counter: PassCounter, model: nn.Module) -> PassCounter:
-    """Attach the networks of a model: ``target`` and ``substitute`` for ABNN, else ``target``;
+    """Attach the networks of a model: ``target`` and ``substitute`` for ABNN, ``substitute`` and
+    ``head`` for a probe, else ``target``;
     plus ``denoiser`` for a model carrying an OUDefend block."""
     from ..framework import ABNN
+
+    from ..probe import Probe
 
     if isinstance(model, ABNN):
         counter.attach("target", model.target)
         counter.attach("substitute", model.substitute)
+    elif isinstance(model, Probe):
+        counter.attach("substitute", model.substitute)
+        counter.attach("head", model.head)
     else:
         counter.attach("target", model)
     denoiser = getattr(model, "oudefend", None)

@@ -252,10 +252,11 @@ def convert_sync_batchnorm(module: nn.Module, *, exclude: Sequence[nn.Module] = 
 
 
 def frozen_substitute(model: nn.Module) -> nn.Module | None:
-    """The frozen substitute of an ABNN model (``None`` for other models)."""
+    """The frozen substitute of an ABNN model or a probe (``None`` for other models)."""
     from ..framework import ABNN
+    from ..probe import Probe
 
-    return model.substitute if isinstance(model, ABNN) else None
+    return model.substitute if isinstance(model, (ABNN, Probe)) else None
 
 
 def wrap_ddp(model: nn.Module, ctx: DistContext, device: torch.device, *, raw: nn.Module | None = None,

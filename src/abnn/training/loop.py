@@ -27,11 +27,9 @@ import json
 import platform
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -47,74 +45,8 @@ from ..runs import build_model_from_config, check_same_run, resolve_config, run_
 from .checkpoint import load_checkpoint, save_atomic
 from .cost import PassCounter, attach_networks
 from .distributed import (DistContext, all_gather_object, all_reduce_sum, barrier, convert_sync_batchnorm,
-                          frozen_substitute, init_distributed, shutdown, unwrap, wrap_ddp)
-
-BatchLoss = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]
-
-
-def clean_loss(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Standard and ABNN training: cross-entropy on clean inputs."""
-    logits = model(x)
-    return F.cross_entropy(logits, y), logits
-
-
-def pgd_at_loss(eps: float, alpha: float, steps: int) -> BatchLoss:
-    """PGD-AT: cross-entropy on L-inf PGD examples (random start) generated each step.  The
-    attack runs with the model in eval mode (BN running statistics untouched by attack
-    iterations, as in torchattacks); the training pass runs in train mode.  Under DDP the attack
-    uses the module inside the wrapper (local, no communication); it runs with the autocast dtype
-    the caller set (the training step's, passed on explicitly: attacks otherwise run in float32),
-    in the batch's memory layout (the training step's ``channels_last``, not the attack's own CPU
-    default), so that every method trains in the same layout and their costs stay comparable, and
-    trains on the last iterate (Madry et al.), not on the first that fools the model."""
-
-    def loss(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        dev = x.device.type
-        amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        x_adv = PGD(unwrap(model), eps=eps, alpha=alpha, steps=steps, random_start=True, first_fooling=False,
-                    channels_last=False, amp=amp)(x, y)
-        logits = model(x_adv)
-        return F.cross_entropy(logits, y), logits
-
-    return loss
-
-
-def fast_at_loss(eps: float, alpha: float) -> BatchLoss:
-    """Fast-AT, FGSM with a random start (Wong, Rice & Kolter, ICLR 2020, "Fast is better than
-    free"; METHOD.md s. 5): delta ~ U(-eps, eps), one step ``delta += alpha * sign(grad)``
-    (alpha = 1.25 eps by default), projection to the eps-ball, clamp of ``x + delta`` to [0, 1];
-    then a training pass on the result.  4N per step: the attack's forward and input-gradient
-    backward, the training forward and backward.
-
-    BN mode during the attack step: **train mode**, as in the authors' reference code
-    (``train_fgsm.py`` keeps ``model.train()`` for the FGSM pass: batch statistics, and the
-    running statistics are updated by both passes).  Our PGD-AT makes its examples in eval mode
-    instead (METHOD.md s. 5); both choices follow their method's reference.  Under DDP the attack
-    pass uses the module inside the wrapper, as PGD-AT's does."""
-
-    def loss(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        logits = model(fgsm_rs_example(unwrap(model), x, y, eps=eps, alpha=alpha))
-        return F.cross_entropy(logits, y), logits
-
-    return loss
-
-
-def fgsm_rs_example(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, alpha: float) -> Tensor:
-    """Fast-AT's training example: FGSM from a uniform random start in the eps-ball, in the
-    model's current mode (train mode during training), projected to the eps-ball and [0, 1]."""
-    x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp_(0, 1).requires_grad_(True)
-    (grad,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
-    return torch.minimum(torch.maximum(x_adv.detach() + alpha * grad.sign(), x - eps), x + eps).clamp_(0, 1)
-
-
-def batch_loss_for(cfg: TrainConfig) -> BatchLoss:
-    """``pgd-at`` and ``oudefend`` (PGD-AT of a model with a feature-restoration block) train on
-    PGD examples, ``fast-at`` on FGSM-RS examples; ``standard`` and ``abnn`` on clean data."""
-    if cfg.method in ("pgd-at", "oudefend"):
-        return pgd_at_loss(cfg.at_eps, cfg.at_alpha, cfg.at_steps)
-    if cfg.method == "fast-at":
-        return fast_at_loss(cfg.at_eps, cfg.fast_at_alpha)
-    return clean_loss
+                          frozen_substitute, init_distributed, shutdown, wrap_ddp)
+from .methods import BatchLoss, batch_loss_for, get_method, clean_loss, fast_at_loss, fgsm_rs_example, pgd_at_loss  # noqa: F401
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -255,6 +187,20 @@ def robust_val_data(cfg: TrainConfig) -> tuple[ImageData | None, str]:
                         f"test split; use at most {len(test) - first} (or a smaller --val-size)")
     tail = ImageData(test.x[-k:], test.y[-k:], test.num_classes, f"{test.name}-last{k}", test.class_names)
     return tail, f"the last {k} images of the {test.name} split (disjoint from the first {first})"
+
+
+def clean_val_size(cfg: TrainConfig) -> int | None:
+    """``cfg.val_size``, except that "all" (``None``) leaves out the last ``robust_val_size``
+    test images when the per-epoch robust accuracy takes them (:func:`robust_val_data`): the
+    value a run records for "every validation image not held out for robust validation"."""
+    tail = cfg.robust_val_size and not (cfg.dataset == "cifar10" and not (cfg.include_jpeg or cfg.full_cifar10))
+    if cfg.val_size is not None or not tail:
+        return cfg.val_size
+    n = len(load_dataset(cfg.dataset, "test", cfg.data_root, **dataset_options(cfg, "test")))
+    if cfg.robust_val_size >= n:
+        raise AbnnError(f"--robust-val-size {cfg.robust_val_size} leaves no validation image of the {n}-image "
+                        f"{cfg.dataset} validation split; use fewer")
+    return n - cfg.robust_val_size
 
 
 def software_versions() -> dict:
@@ -569,7 +515,7 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
             "sync_bn": bool(cfg.sync_bn and ctx.enabled),
             **robust,
         }
-        if cfg.method == "abnn":
+        if get_method(cfg.method).substitute:
             results["substitute"] = {"source": cfg.substitute, "arch": cfg.substitute_arch, "width": cfg.substitute_width,
                                      "stats": cfg.substitute_stats, "encoder": cfg.encoder}
         skipped = [*getattr(train_data, "skipped", []), *getattr(val_data, "skipped", [])]

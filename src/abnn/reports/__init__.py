@@ -1,0 +1,1 @@
+"""Reports (``report.md`` and figures) of the reproduce pipelines."""
