@@ -5,7 +5,7 @@ import json
 import pytest
 
 from abnn.cli import main
-from conftest import shared_data_root
+from conftest import REPO, shared_data_root
 
 
 def test_smoke_reproduction_writes_everything(tmp_path, capsys, fake_data_root):
@@ -89,3 +89,15 @@ def test_set_bad_value_is_one_line_before_anything_runs(tmp_path, capsys):
     assert main(["reproduce", "table1", "--preset", "smoke", "--out", str(tmp_path / "o"), "--set", "epochs=0"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--epochs must be" in err and not (tmp_path / "o").exists()
+
+
+def test_table1_report_names_pgds_first_fooling_iterate(tmp_path):
+    """The Table 1 report, written from the committed cpu results.json, says that its PGD keeps
+    the first fooling iterate per sample."""
+    from abnn.report import write_table1_report
+
+    path = REPO / "docs" / "results" / "table1-cpu" / "results.json"
+    if not path.is_file():
+        pytest.skip(f"{path} not in this checkout")
+    write_table1_report(tmp_path, json.loads(path.read_text()))
+    assert "PGD-5 (first fooling iterate kept per sample)" in (tmp_path / "report.md").read_text()

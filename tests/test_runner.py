@@ -196,6 +196,7 @@ def test_old_suite_json_loads_for_reports(name: str, tmp_path) -> None:
     assert res.attacks["pgd-5"].robust_acc == old["attacks"]["pgd-5"]["robust_acc"]
     md = suite_markdown(res)
     assert f"Verdict: **{old['verdict']}**" in md and f"**{100 * old['robust_acc']:.1f}%**" in md
+    assert "PGD-5 (first fooling iterate kept per sample)" in md
     write_suite_report(res, tmp_path)
     again = SuiteResult.from_dict(json.loads((tmp_path / "suite.json").read_text()))
     assert again.to_dict()["attacks"] == res.to_dict()["attacks"]

@@ -36,6 +36,9 @@ def _add_train_opts(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     p.add_argument("--out", default=None, help="run folder to create (or to continue with --resume); required")
     p.add_argument("--width", type=float, default=d.width, help=f"channel width multiplier (default {d.width})")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs (default {d.epochs})")
+    p.add_argument("--total-steps", type=int, default=None, metavar="N",
+                   help="a step budget: train exactly N optimiser steps, the cosine schedule over them, the last epoch "
+                        "partial where N ends mid-epoch (--epochs is then unused; default: epochs x steps per epoch)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"batch size (default {d.batch_size})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"initial SGD learning rate, cosine decay (default {d.lr})")
     p.add_argument("--momentum", type=float, default=d.momentum)
@@ -45,7 +48,8 @@ def _add_train_opts(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     p.add_argument("--val-size", type=int, default=d.val_size,
                    help=f"held-out images for the per-epoch accuracy (default {d.val_size}; -1: all; 0: none)")
     p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (smoke tests)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N steps, resumable (smoke tests; the schedule stays the "
+                                                                "whole run's: --total-steps makes a shorter run)")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out from its checkpoint; every run-defining flag must be "
                         "as recorded in its config.json (--device, --threads, --checkpoint-every ... may change)")
@@ -253,7 +257,7 @@ def _config_from_args(a: argparse.Namespace, **fixed) -> TrainConfig:
     if a.out is None:
         raise AbnnError(f"abnn {a.command} needs --out RUN_FOLDER (the run folder to create, or to continue with --resume)")
     return TrainConfig(
-        width=a.width, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
+        width=a.width, epochs=a.epochs, total_steps=a.total_steps, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
         weight_decay=a.weight_decay, seed=a.seed, train_size=a.train_size,
         val_size=None if a.val_size == -1 else a.val_size, augment=not a.no_augment,
         device=a.device, data_root=a.data_root, num_threads=a.threads, **fixed,

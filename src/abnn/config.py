@@ -62,6 +62,9 @@ class TrainConfig:
     arch: str = "resnet18_cifar"             # resnet18_cifar | vgg19_bn | ... (abnn.models.MODELS)
     width: float = 1.0
     epochs: int = 30
+    # a step budget: train exactly this many optimiser steps, the cosine schedule over them, the last
+    # epoch partial where the budget ends mid-epoch (``epochs`` is then unused); None: epochs x steps per epoch
+    total_steps: int | None = None
     batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9
@@ -126,7 +129,7 @@ class TrainConfig:
         _need(self, "at_eps", lambda v: math.isfinite(v) and 0 < v <= 1, "in (0, 1] (pixel units: 8/255 = 0.0314)")
         for name in ("epochs", "batch_size", "at_steps"):
             _need(self, name, lambda v: v >= 1, "an integer >= 1")
-        for name in ("train_size", "num_threads", "checkpoint_every", "frames"):
+        for name in ("train_size", "total_steps", "num_threads", "checkpoint_every", "frames"):
             _need(self, name, lambda v: v is None or v >= 1, "an integer >= 1 (or unset)")
         _need(self, "val_size", lambda v: v is None or v >= 0, "an integer >= 0 (0: no per-epoch accuracy)")
         _need(self, "robust_val_size", lambda v: v >= 0, "an integer >= 0 (0: no per-epoch robust accuracy)")

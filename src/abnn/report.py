@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .attacks.pgd import FIRST_FOOLING_NOTE
+
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
@@ -163,7 +165,8 @@ def write_table1_report(out: Path, results: dict, examples_path: Path | None = N
               "The paper reports no ROA number for CIFAR-10 (its ROA results are on UCF-101, Table 3)"
               + ("; nor any Fast-AT number (—): Fast-AT is beyond the paper (METHOD.md s. 5)." if "fast-at" in by
                  else "."),
-              "Robust accuracy counts a test image only if it is classified correctly both clean and under attack.", ""]
+              "Robust accuracy counts a test image only if it is classified correctly both clean and under attack.",
+              FIRST_FOOLING_NOTE, ""]
     if "abnn" in by and "standard" in by:
         a, s = by["abnn"], by["standard"]
         lines += ["## Measured relations (the paper's claims, checked)", ""]
@@ -274,6 +277,7 @@ def write_video_report(out: Path, results: dict, examples_path: Path | None = No
                          f"{p[key]} | {r['cost_N_per_step']:g}N | {p['cost']} | {1000 * r['seconds_per_step']:.0f} ms |")
         lines.append("")
     lines += ["Robust accuracy counts a clip only if it is classified correctly both clean and under attack.", "",
+              FIRST_FOOLING_NOTE, "",
               "## Figures", "", "![accuracy](accuracy.png)", "", "![training cost](training_cost.png)", ""]
     if (out / "examples.png").is_file():
         lines += ["![examples](examples.png)", ""]

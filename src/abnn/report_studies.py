@@ -7,7 +7,9 @@ import datetime as _dt
 import os
 from pathlib import Path
 
+from .attacks.pgd import FIRST_FOOLING, FIRST_FOOLING_NOTE
 from .report import overrides_lines
+from .reproduce.frontier import MATCH_TOLERANCE
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -32,9 +34,9 @@ def _header(title: str, summary: dict) -> list[str]:
     ev = summary["evaluation"]
     lines += [f"Evaluation, the same for every point: the first {ev['n_eval']} test images, white-box through the "
               f"whole model, float32; attacks (registry specs) {', '.join(f'`{a}`' for a in ev['attacks'])}, seed "
-              f"{ev['seed']}. `pgd` is the paper's PGD-5 (eps 8/255, alpha 2/255, random start); the worst case is "
-              "per sample over all of them (a sample counts as robust only if every attack fails on it). Pixel "
-              "budgets are in [0, 1] pixel units, written k/255.", ""]
+              f"{ev['seed']}. `pgd` is the paper's PGD-5 (eps 8/255, alpha 2/255, random start, {FIRST_FOOLING}); "
+              "the worst case is per sample over all of them (a sample counts as robust only if every attack fails "
+              "on it). Pixel budgets are in [0, 1] pixel units, written k/255.", FIRST_FOOLING_NOTE, ""]
     return lines
 
 
@@ -91,6 +93,73 @@ def figure_robust_epochs(records: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _minutes(wall: float | None, cpu: float | None) -> str:
+    """``wall`` seconds as minutes, with the CPU minutes in brackets where recorded."""
+    if wall is None:
+        return "not recorded"
+    return f"{wall / 60:.1f} min" + (f" ({cpu / 60:.1f} CPU)" if cpu else "")
+
+
+def _validation_minutes(r: dict) -> str:
+    """A record's per-epoch clean plus robust validation time (runs before abnn timed it: not recorded)."""
+    if r.get("validation_seconds") is None:
+        return "not recorded"
+    return _minutes(r["validation_seconds"] + r["robust_validation_seconds"],
+                    r["validation_cpu_seconds"] + r["robust_validation_cpu_seconds"])
+
+
+def _epochs(r: dict) -> str:
+    """Epochs trained, fractional where a step budget ended mid-epoch."""
+    spe = r.get("steps_per_epoch")
+    return f"{round(r['steps'] / spe, 2):g}" if spe else str(r["epochs"])
+
+
+def _frontier_table(recs: list[dict]) -> list[str]:
+    lines = ["## Results (%)", "",
+             "| Method | Epochs | Counted N / step | Steps | Total counted cost (N) | Training time | "
+             "Per-epoch validation | Clean | PGD-5 | Worst case |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in recs:
+        lines.append(f"| {r['name']} | {_epochs(r)} | {r['cost_N_per_step']:g} | {r['steps']} | "
+                     f"{r['total_cost_N']:,} | {_minutes(r['train_seconds'], r.get('train_cpu_seconds'))} | "
+                     f"{_validation_minutes(r)} | {_pct(r['clean_acc'])} | {_pct(r['robust_acc'].get('pgd'))} | "
+                     f"**{_pct(r['worst_case_acc'])}** |")
+    return lines
+
+
+def _matching_line(m: dict) -> str:
+    """How the cost-matched PGD-AT's budget was set, and how close its measured seconds came to
+    ABNN's (results written before the step budget matched whole epochs: said as such)."""
+    head = (f"Cost-matched PGD-AT, measured in {m['clock']}: ABNN trained in {m['abnn_seconds'] / 60:.1f} min "
+            f"and PGD-AT in {m['pgd_at_seconds'] / 60:.1f} min for {m['pgd_at_epochs']} epochs")
+    if "matched_steps" in m:
+        how = (f" ({m['pgd_at_steps']} steps, {m['pgd_at_seconds_per_step']:.3f} s per step), so the matched PGD-AT "
+               f"gets a budget of round({m['abnn_seconds']:.0f} / {m['pgd_at_seconds_per_step']:.3f}) = "
+               f"**{m['matched_steps']} steps** ({m['matched_epochs']} epochs, the last partial; cosine schedule over "
+               f"the budget, predicted {m['predicted_seconds'] / 60:.1f} min); it trained {m['steps_trained']} steps")
+    else:
+        how = (f", so the matched PGD-AT ran round({m['pgd_at_epochs']} x {m['abnn_seconds']:.0f} / "
+               f"{m['pgd_at_seconds']:.0f}) = **{m['epochs_trained']} epochs** (matched at whole epochs, before "
+               "abnn matched at step granularity; cosine schedule over its own epochs)")
+    ratio = m["matched_seconds"] / m["abnn_seconds"]
+    off = abs(ratio - 1) > MATCH_TOLERANCE
+    return (head + how + f" and took {m['matched_seconds'] / 60:.1f} min by the same clock: **{ratio:.2f}x ABNN's "
+            f"seconds** ({'outside' if off else 'within'} the {100 * MATCH_TOLERANCE:g}% the matching aims at).")
+
+
+def _fast_at_cost_line(fa: dict, clock: str) -> str:
+    """Fast-AT's cost with its per-epoch robust validation (which picks the model it keeps), by
+    the matching's clock: a second number beside its training time."""
+    val = fa.get({"train_seconds": "robust_validation_seconds",
+                  "train_cpu_seconds": "robust_validation_cpu_seconds"}[clock])
+    if val is None:
+        return ("Its per-epoch robust validation is not part of its training time and was not timed in this run "
+                "(runs before abnn timed it).")
+    return (f"Its per-epoch robust validation (which picks the model kept) is not part of its training time: "
+            f"{val / 60:.1f} min more by the matching's clock, so Fast-AT with its robust validation costs "
+            f"**{(fa[clock] + val) / 60:.1f} min** against {fa[clock] / 60:.1f} min of training alone.")
+
+
 def write_frontier_report(out: Path, summary: dict) -> None:
     out = Path(out)
     recs = summary["records"]
@@ -98,15 +167,7 @@ def write_frontier_report(out: Path, summary: dict) -> None:
     figure_frontier(recs, out / "frontier.png", title, summary["matched"]["clock_key"])
     figure_robust_epochs(recs, out / "fast_at_epochs.png", "Fast-AT: per-epoch PGD-5 accuracy (catastrophic overfitting)")
     lines = _header(title, summary)
-    lines += ["## Results (%)", "",
-              "| Method | Epochs | Counted N / step | Steps | Total counted cost (N) | Training time | Clean | PGD-5 | "
-              "Worst case |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in recs:
-        cpu = f" ({r['train_cpu_seconds'] / 60:.1f} CPU)" if r.get("train_cpu_seconds") else ""
-        lines.append(f"| {r['name']} | {r['epochs']} | {r['cost_N_per_step']:g} | {r['steps']} | "
-                     f"{r['total_cost_N']:,} | {r['train_seconds'] / 60:.1f} min{cpu} | {_pct(r['clean_acc'])} | "
-                     f"{_pct(r['robust_acc'].get('pgd'))} | **{_pct(r['worst_case_acc'])}** |")
+    lines += _frontier_table(recs)
     m = summary["matched"]
     sub = summary["substitute"]
     lines += ["", "Counted N / step: network passes per training step, counted by hooks while the run trained "
@@ -114,12 +175,10 @@ def write_frontier_report(out: Path, summary: dict) -> None:
               "wall-clock minutes of the training steps (evaluation excluded), with the process CPU minutes in "
               "brackets where recorded (on a shared machine, the CPU minutes of a one-thread run are what it costs "
               "on one core), "
-              f"{recs[0].get('threads')} torch thread(s) per run, precision `{recs[0].get('amp')}`.", "",
-              f"Cost-matched PGD-AT, measured in {m['clock']}: ABNN trained in {m['abnn_seconds'] / 60:.1f} min "
-              f"and PGD-AT in {m['pgd_at_seconds'] / 60:.1f} min for {m['pgd_at_epochs']} epochs, so the matched "
-              f"PGD-AT runs round({m['pgd_at_epochs']} x {m['abnn_seconds']:.0f} / {m['pgd_at_seconds']:.0f}) = "
-              f"**{m['epochs_trained']} epochs** (cosine schedule over its own epochs); it took "
-              f"{m['matched_seconds'] / 60:.1f} min by the same clock.", "",
+              f"{recs[0].get('threads')} torch thread(s) per run, precision `{recs[0].get('amp')}`. Per-epoch "
+              "validation: the minutes (CPU minutes) of the clean and robust accuracy measured after each epoch, "
+              "not part of the training time.", "",
+              _matching_line(m), "",
               f"ABNN's cost above excludes its substitute, pretrained once and reusable for any target: "
               f"{sub.get('arch')} width {sub.get('width')} on {sub.get('dataset')}, {sub.get('epochs')} epochs, "
               f"{(sub.get('train_seconds') or 0) / 60:.1f} min, validation accuracy {_pct(sub.get('val_acc'))}%.", ""]
@@ -137,6 +196,7 @@ def write_frontier_report(out: Path, summary: dict) -> None:
                   + (f"**Catastrophic overfitting** at epoch(s) {', '.join(map(str, co))} (a fall of more than 20 "
                      "points below the best)." if co else "No catastrophic overfitting (no fall of more than 20 "
                                                           "points below the best epoch)."), "",
+                  _fast_at_cost_line(fa, summary["matched"]["clock_key"]), "",
                   "![Fast-AT per-epoch robust accuracy](fast_at_epochs.png)", ""]
     lines += ["## Figure", "", "![frontier](frontier.png)", "",
               "Each method is one point: hollow circle = clean accuracy, filled square = worst-case robust accuracy.", "",
@@ -173,6 +233,10 @@ def figure_substitute_study(records: list[dict], path: Path, title: str) -> None
     plt.close(fig)
 
 
+#: what the substitute study's "target" shift measures, named as what it is
+TARGET_MOMENTS = "the target's per-sample feature moments mu, sigma (not used in eval mode)"
+
+
 def write_substitute_study_report(out: Path, summary: dict) -> None:
     out = Path(out)
     recs = summary["records"]
@@ -181,7 +245,7 @@ def write_substitute_study_report(out: Path, summary: dict) -> None:
     lines = _header(title, summary)
     lines += ["## Results (%)", "",
               "| Substitute | Its own accuracy | ABNN clean | PGD-5 | Worst case | Shift of mu(z_s) | Shift of sigma(z_s) | "
-              "Shift of the target's mu, sigma |",
+              f"Shift of {TARGET_MOMENTS} |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in recs:
         sh = r["statistics_shift"]
@@ -196,13 +260,16 @@ def write_substitute_study_report(out: Path, summary: dict) -> None:
               "", "Shift: the mean over test images and stages of |m(x_adv) - m(x)| / |m(x)|, for m the per-sample mean "
               "(mu) or standard deviation (sigma) over all of a stage's activations, x_adv the paper's PGD-5 example "
               "against the whole ABNN model. The paper claims the substitute's statistics stay \"relatively "
-              "unaffected\"; the target's own pre-normalisation statistics are the reference.", "",
+              "unaffected\". The last column is the same measure on the target's stage outputs z_t before adaptive "
+              "BN: an eval-mode ABNN does not use these moments (it normalises z_t with its BN's running statistics, "
+              "fixed at test time), so they only show how far the attack moves a feature's per-sample moments, "
+              "not a statistic the defense depends on.", "",
               "## Per stage", ""]
     for r in recs:
         sh = r["statistics_shift"]
         lines.append(f"- {r['label']}: substitute mu " + ", ".join(f"{v:.3f}" for v in sh["substitute"]["mu"])
                      + "; sigma " + ", ".join(f"{v:.3f}" for v in sh["substitute"]["sigma"])
-                     + "; target mu " + ", ".join(f"{v:.3f}" for v in sh["target"]["mu"])
+                     + "; target (moments not used in eval mode) mu " + ", ".join(f"{v:.3f}" for v in sh["target"]["mu"])
                      + "; sigma " + ", ".join(f"{v:.3f}" for v in sh["target"]["sigma"]) + f" (stages {', '.join(sh['stages'])})")
     lines += ["", "## Figure", "", "![substitute study](substitute_study.png)", "",
               "## Every attack (%)", "", "| Substitute | " + " | ".join(summary["evaluation"]["attacks"]) + " |",

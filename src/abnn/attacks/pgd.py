@@ -7,6 +7,13 @@ from torch import Tensor, nn
 
 from .base import Attack, FirstFooled, check_budget, check_count
 
+#: how reports name what the registry's ``pgd`` returns (``first_fooling``, its default)
+FIRST_FOOLING = "first fooling iterate kept per sample"
+#: the footnote of every report that gives a number of the registry's ``pgd`` (PGD-5 among them)
+FIRST_FOOLING_NOTE = ("PGD-5 (" + FIRST_FOOLING + "), as every PGD of the registry's `pgd`: for each sample the "
+                      "attack returns the first iterate, the random start included, that fools the model, else its "
+                      "last iterate (PGD-AT trains on the last iterate instead).")
+
 
 class PGD(Attack):
     """Projected gradient descent in the L-inf ball, cross-entropy loss, white-box.

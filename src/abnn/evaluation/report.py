@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..attacks.pgd import FIRST_FOOLING, FIRST_FOOLING_NOTE
 from ..config import write_json_atomic
 from .results import SuiteResult
 
@@ -69,7 +70,8 @@ def suite_markdown(res: SuiteResult) -> str:
     lines += [f"## Verdict: **{res.verdict}**", "",
               f"Clean accuracy **{_pct(ev.clean_acc)}%**; robust accuracy, per-sample worst case over all attacks"
               f"{' and evaluation protocols' if res.batch_checks else ''}: **{_pct(res.robust_acc)}%** "
-              f"(measured with the paper's attack, PGD-5: {_pct(ev.attacks['pgd-5'].robust_acc)}%).", ""]
+              f"(measured with the paper's attack, PGD-5 ({FIRST_FOOLING}): {_pct(ev.attacks['pgd-5'].robust_acc)}%).",
+              ""]
     if res.flags:
         lines += ["Flags:", ""] + [f"- {f}" for f in res.flags] + [""]
     else:
@@ -88,7 +90,8 @@ def suite_markdown(res: SuiteResult) -> str:
               "flag means the number above may overstate robustness; it makes the verdict SUSPECT. The AutoAttack row "
               "is derived (per-sample worst case of the standalone APGD-CE, APGD-T, APGD-DLR and Square runs, with "
               "AutoAttack's settings, APGD-DLR standing in for FAB-T); the authors' AutoAttack is "
-              "`abnn evaluate RUN --suite autoattack`.", "", "Full machine-readable results: `suite.json`.", ""]
+              "`abnn evaluate RUN --suite autoattack`.", "", FIRST_FOOLING_NOTE, "",
+              "Full machine-readable results: `suite.json`.", ""]
     return "\n".join(lines)
 
 

@@ -2,22 +2,24 @@
 
 Five models on the Table 1 preset's target, data, schedule and seed (METHOD.md s. 5, "Comparing
 defenses at equal budget"): no defense, ABNN, Fast-AT (Wong, Rice & Kolter 2020), PGD-AT at the
-preset's epochs, and PGD-AT *cost-matched*: its epochs cut so that its measured training
-seconds match ABNN's.  Every model is evaluated with the paper's PGD-5 and a strong white-box
+preset's epochs, and PGD-AT *cost-matched*: a step budget (``total_steps``, the cosine schedule
+over it) cut so that its measured training seconds match ABNN's (:func:`matching`).  Every model is evaluated with the paper's PGD-5 and a strong white-box
 worst case (APGD-CE and APGD-T, per sample) on the same test images.  The report gives, per
 method, the counted passes per step, the total counted cost (N x steps) and the measured
-training seconds, and plots clean and worst-case accuracy against both.
+training seconds (and, apart, the seconds of the per-epoch validation), and plots clean and
+worst-case accuracy against both.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import TrainConfig, write_json_atomic
-from ..training.loop import software_versions
+from ..training.loop import VALIDATION_CLOCKS, software_versions
 from .presets import Table1Preset
 from .schedule import Stage, plan_workers, run_stages
 from .stages import StudyEval, TrainPoint, eval_of, eval_stages, place, train_stages, with_progress
@@ -59,10 +61,15 @@ def study_eval(preset: Table1Preset) -> StudyEval:
                      seed=preset.seed)
 
 
-def matched_epochs(epochs: int, abnn_seconds: float, pgdat_seconds: float) -> int:
-    """PGD-AT epochs whose measured training seconds match ABNN's: the nearest whole number of
-    epochs, at least one (PGD-AT's seconds per epoch are the same at any epoch count)."""
-    return max(1, round(epochs * abnn_seconds / pgdat_seconds))
+#: how far the cost-matched PGD-AT's predicted seconds may be from ABNN's
+MATCH_TOLERANCE = 0.05
+
+
+def matched_steps(abnn_seconds: float, pgdat_seconds: float, pgdat_steps: int) -> int:
+    """PGD-AT optimiser steps whose predicted training seconds (PGD-AT's measured seconds per
+    step times the steps) match ABNN's measured seconds: the nearest whole step, at least one.
+    The prediction is off by at most half a step's seconds."""
+    return max(1, round(abnn_seconds * pgdat_steps / pgdat_seconds))
 
 
 #: the clocks that the cost matching can compare, and their names in reports
@@ -77,24 +84,32 @@ def common_clock(*results: dict) -> str:
     return "train_cpu_seconds" if cpu else "train_seconds"
 
 
-def matching(abnn: dict, pgdat: dict, epochs: int) -> dict:
-    """How the cost-matched PGD-AT's epochs follow from ABNN's and PGD-AT's measured seconds."""
+def matching(abnn: dict, pgdat: dict) -> dict:
+    """How the cost-matched PGD-AT's step budget follows from ABNN's measured seconds and
+    PGD-AT's measured seconds per step (both ``train_results.json``), by :func:`common_clock`;
+    ``matched_epochs`` is the epochs the budget spans (the last one partial)."""
     clock = common_clock(abnn, pgdat)
+    steps, epochs = pgdat["cost"]["steps"], pgdat["epochs"]
+    per_step = pgdat[clock] / steps
+    budget = matched_steps(abnn[clock], pgdat[clock], steps)
     return {"clock": CLOCKS[clock], "clock_key": clock, "abnn_seconds": abnn[clock], "pgd_at_seconds": pgdat[clock],
-            "pgd_at_epochs": epochs, "matched_epochs": matched_epochs(epochs, abnn[clock], pgdat[clock])}
+            "pgd_at_epochs": epochs, "pgd_at_steps": steps, "pgd_at_seconds_per_step": per_step,
+            "matched_steps": budget, "matched_epochs": math.ceil(budget * epochs / steps),
+            "predicted_seconds": budget * per_step}
 
 
 def _job_matched(run: Path, base: TrainConfig, abnn_run: Path, pgdat_run: Path, force: bool,
                  progress: bool | str) -> dict:
     from ..runs import read_json
 
-    m = matching(read_json(abnn_run / "train_results.json"), read_json(pgdat_run / "train_results.json"), base.epochs)
-    return _job_train(run, dataclasses.replace(base, epochs=m["matched_epochs"]), force, progress)
+    m = matching(read_json(abnn_run / "train_results.json"), read_json(pgdat_run / "train_results.json"))
+    cfg = dataclasses.replace(base, epochs=m["matched_epochs"], total_steps=m["matched_steps"])
+    return _job_train(run, cfg, force, progress)
 
 
 def matched_stage(by: dict[str, TrainPoint], done: dict, force: bool) -> list[Stage]:
-    """The cost-matched PGD-AT's training stage (none when it finished earlier): its epochs are
-    fixed only once ABNN and PGD-AT have trained (:func:`_job_matched`)."""
+    """The cost-matched PGD-AT's training stage (none when it finished earlier): its step budget
+    is fixed only once ABNN and PGD-AT have trained (:func:`_job_matched`)."""
     matched = by["pgd-at-matched"]
     if not force and matched.is_finished():
         return []
@@ -104,8 +119,8 @@ def matched_stage(by: dict[str, TrainPoint], done: dict, force: bool) -> list[St
 
 def frontier_points(preset: Table1Preset, out: Path, table1_dir: Path | None, data_root: str | None,
                     device: str) -> list[TrainPoint]:
-    """The training stages: the substitute and the five models (the matched one's config is
-    fixed only once ABNN and PGD-AT have trained; see :func:`_job_matched`)."""
+    """The training stages: the substitute and the five models (the matched one's step budget
+    is fixed only once ABNN and PGD-AT have trained; see :func:`_job_matched`)."""
     shared = [table1_dir] if table1_dir is not None else []
 
     def cfg_for(method: str, substitute: str | None) -> TrainConfig:
@@ -139,8 +154,8 @@ def run_frontier(preset: Table1Preset, out: str | Path, *, table1_dir: str | Pat
     points = frontier_points(preset, out, table1, data_root, device)
     by = {p.name: p for p in points}
     matched = by["pgd-at-matched"]
-    if matched.is_finished() and not force:  # its epochs were fixed when it trained
-        matched.cfg.epochs = TrainConfig.load(matched.run / "config.json").epochs
+    if matched.is_finished() and not force:  # its step budget was fixed when it trained
+        matched.cfg = TrainConfig.load(matched.run / "config.json")
     stages, done = train_stages([p for p in points if p.name != "pgd-at-matched"], force=force)
     to_train = matched_stage(by, done, force)
     stages += to_train
@@ -162,8 +177,8 @@ def run_frontier(preset: Table1Preset, out: str | Path, *, table1_dir: str | Pat
     summary = {
         "preset": preset.to_dict(), "records": records, "evaluation": spec.key(),
         "substitute": {"run": str(by["substitute"].run), **_substitute_info(results["substitute"])},
-        "matched": (m := matching(results["abnn"], results["pgd-at"], preset.epochs))
-                   | {"epochs_trained": matched.cfg.epochs,
+        "matched": (m := matching(results["abnn"], results["pgd-at"]))
+                   | {"epochs_trained": matched.cfg.epochs, "steps_trained": results["pgd-at-matched"]["cost"]["steps"],
                       "matched_seconds": results["pgd-at-matched"].get(m["clock_key"])},
         "command": command, "versions": software_versions(), "workers": workers, "threads_per_stage": per_stage,
         "pipeline_seconds_this_call": time.perf_counter() - t_start,
@@ -189,6 +204,7 @@ def frontier_record(point: TrainPoint, tr: dict, ev: dict, run: Path) -> dict:
         "cost_N_per_step": tr["cost_N_per_step"], "cost_counts": cost["per_network"], "steps": cost["steps"],
         "total_cost_N": cost["total_N"], "train_seconds": tr["train_seconds"],
         "train_cpu_seconds": tr.get("train_cpu_seconds"), "seconds_per_step": tr["seconds_per_step"],
+        "steps_per_epoch": tr.get("steps_per_epoch"), **{k: tr.get(k) for k in VALIDATION_CLOCKS},
         "threads": tr.get("threads"), "amp": tr.get("amp", "off"),
         "clean_acc": ev["clean_acc"], "robust_acc": ev["robust_acc"], "worst_case_acc": ev["worst_case_acc"],
         "n_eval": ev["n_eval"], "eval_seconds": ev["seconds"],

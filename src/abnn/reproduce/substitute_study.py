@@ -15,7 +15,8 @@ labelled with its own validation accuracy (METHOD.md s. 5, "Substitute strength"
 
 Each ABNN model gets the paper's PGD-5 and the strong white-box worst case, and the study
 measures how far the attack moves the substitute's statistics mu(z_s), sigma(z_s) per stage
-(and, for reference, the target's own pre-normalisation statistics).
+(and, as a scale reference only, the same per-sample moments of the target's stage outputs z_t:
+an eval-mode ABNN does not use them, it normalises z_t with its BN's running statistics).
 """
 
 from __future__ import annotations
@@ -128,7 +129,9 @@ def _rel(a: Tensor, b: Tensor) -> Tensor:
 def statistics_shift(model: nn.Module, x: Tensor, x_adv: Tensor) -> dict:
     """Mean over samples of |m(adv) - m(clean)| / |m(clean)| for m = mu, sigma of the
     substitute's features at each tap (per sample, over C*H*W, as in the ``sample`` option of
-    eq. 2), and of the target's stage outputs before adaptive BN, for reference."""
+    eq. 2), and of the target's stage outputs z_t before adaptive BN (``"target"``): a scale
+    reference only, since an eval-mode ABNN normalises z_t with its BN's running statistics and
+    never uses these per-sample moments."""
     captured: list[Tensor] = []
     hooks = [model.target.get_submodule(n).register_forward_hook(lambda m, i, o: captured.append(o), prepend=True)
              for n in model.target_stages]

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -168,6 +170,21 @@ def dataset_options(cfg: TrainConfig, split: str) -> dict:
     return opts
 
 
+def step_budget(cfg: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """The run's optimiser steps (the cosine schedule's length) and the epochs they span:
+    ``cfg.total_steps`` where set (the last epoch partial when it ends mid-epoch), else
+    ``cfg.epochs`` whole epochs."""
+    total = cfg.total_steps if cfg.total_steps is not None else cfg.epochs * steps_per_epoch
+    return total, math.ceil(total / steps_per_epoch)
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    """``fn()``, its wall-clock seconds and its process CPU seconds."""
+    t, c = time.perf_counter(), time.process_time()
+    value = fn()
+    return value, time.perf_counter() - t, time.process_time() - c
+
+
 def robust_val_data(cfg: TrainConfig) -> tuple[ImageData | None, str]:
     """Images for the per-epoch robust accuracy and where they come from: for CIFAR-10 the first
     ``robust_val_size`` JPEG training images that no run without ``include_jpeg`` trains on (held-out
@@ -216,8 +233,12 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
 
     Each epoch writes one line of ``metrics.jsonl`` and an atomic ``checkpoint.pt`` (also every
     ``cfg.checkpoint_every`` steps within an epoch); with ``resume`` an interrupted run continues
-    from its last checkpoint at the exact step.  At the end ``model.pt`` (final weights) and
-    ``train_results.json`` (counted cost N per step, seconds, accuracies) are written.
+    from its last checkpoint at the exact step.  The run trains ``cfg.epochs`` epochs, or exactly
+    ``cfg.total_steps`` steps where set (:func:`step_budget`; the cosine schedule spans them).  At
+    the end ``model.pt`` (final weights) and ``train_results.json`` (counted cost N per step,
+    steps, seconds, accuracies) are written.  The per-epoch clean and robust validation is timed
+    apart (wall and CPU seconds per epoch in ``metrics.jsonl``, totals in ``train_results.json``,
+    see :func:`validation_totals`) and is not part of ``train_seconds``.
     ``max_steps`` stops early (tests and benchmarks; the checkpoint then allows an exact resume).
     ``progress``: True for progress bars and a line per epoch, ``"lines"`` for the lines only
     (stages that run beside each other), False for silence.
@@ -327,8 +348,8 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
     if steps_per_epoch == 0:
         raise AbnnError(f"{len(train_data)} training images give no full batch of {cfg.batch_size}"
                         f"{f' over {ctx.world_size} processes' if ctx.enabled else ''}; lower --batch-size")
-    total_steps = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    budget, n_epochs = step_budget(cfg, steps_per_epoch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=budget)
     counter = attach_networks(PassCounter(), model)
     amp_dtype = resolve_amp(cfg.amp, device)
 
@@ -417,7 +438,8 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
             save_atomic(state, ckpt_path)
         good_ckpt_step = step
 
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, n_epochs):
+        epoch_len = min(steps_per_epoch, budget - epoch * steps_per_epoch)  # the budget's last epoch may be partial
         loader.set_epoch(epoch)
         fwd.train()
         # this rank's sums over the epoch (rank 0 also carries the global sums of a resumed partial epoch)
@@ -434,8 +456,8 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
                     seen = int(partial["seen"])
             _skip_batches(loader, batches, skip)
             done_in_epoch = skip
-        bar = tqdm(batches, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", disable=progress is not True,
-                   leave=False, dynamic_ncols=True, total=steps_per_epoch, initial=done_in_epoch)
+        bar = tqdm(batches, desc=f"{cfg.method} epoch {epoch + 1}/{n_epochs}", disable=progress is not True,
+                   leave=False, dynamic_ncols=True, total=epoch_len, initial=done_in_epoch)
         t0, c0, paused, stop = time.perf_counter(), time.process_time(), 0.0, False
         for x, y in bar:
             loss, logits = step_fn(x, y)
@@ -450,12 +472,12 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
                 if progress is True:
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.4f}")
             stop = max_steps is not None and step >= max_steps
-            if done_in_epoch < steps_per_epoch and (stop or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+            if done_in_epoch < epoch_len and (stop or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
                 tp = time.perf_counter()
                 save_checkpoint(epoch, False, done_in_epoch,
                                 (loss_sum, correct, seen, epoch_seconds + (tp - t0 - paused)))
                 paused += time.perf_counter() - tp
-            if stop:
+            if stop or done_in_epoch == epoch_len:
                 break
         check_finite()
         if device.type == "cuda":
@@ -463,26 +485,30 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
         epoch_seconds += time.perf_counter() - t0 - paused
         train_seconds += epoch_seconds
         train_cpu += time.process_time() - c0
-        complete = done_in_epoch == steps_per_epoch
+        complete = done_in_epoch == epoch_len
         if ctx.enabled:
             tot = all_reduce_sum(torch.stack([loss_sum, correct.double(), loss_sum.new_tensor(float(seen))]), ctx)
             tot_loss, tot_correct, tot_seen = tot.tolist()
         else:
             tot_loss, tot_correct, tot_seen = loss_sum.item(), correct.item(), seen
         if ctx.is_main:
-            val_acc = accuracy(model, val_data, 256, device) if val_data is not None else None  # float32, as every evaluation
             record = {"epoch": epoch + 1, "step": step, "train_loss": tot_loss / max(tot_seen, 1),
-                      "train_acc": tot_correct / max(tot_seen, 1), "val_acc": val_acc, "lr": sched.get_last_lr()[0],
+                      "train_acc": tot_correct / max(tot_seen, 1), "val_acc": None, "lr": sched.get_last_lr()[0],
                       "epoch_seconds": epoch_seconds, "cost_N_per_step": counter.per_step()}
+            if val_data is not None:  # float32, as every evaluation; timed apart from the training steps
+                record["val_acc"], record["val_seconds"], record["val_cpu_seconds"] = _timed(
+                    lambda: accuracy(model, val_data, 256, device))
             if rob_data is not None:
-                record["val_pgd_acc"] = robust_accuracy(model, rob_data, 256, device, eps=cfg.at_eps, seed=cfg.seed)
+                record["val_pgd_acc"], record["robust_val_seconds"], record["robust_val_cpu_seconds"] = _timed(
+                    lambda: robust_accuracy(model, rob_data, 256, device, eps=cfg.at_eps, seed=cfg.seed))
+            val_acc = record["val_acc"]
             if not complete:
                 record["partial"] = True
             append_jsonl(run / "metrics.jsonl", record)
             if cfg.keep_best and complete and _is_best_epoch(run, epoch + 1):
                 save_atomic(model.state_dict(), run / "best.pt")
             if progress:
-                tqdm.write(f"[{run.name}: {cfg.method}] epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.4f} "
+                tqdm.write(f"[{run.name}: {cfg.method}] epoch {epoch + 1}/{n_epochs} loss {record['train_loss']:.4f} "
                            f"train_acc {record['train_acc']:.4f} val_acc {val_acc if val_acc is None else round(val_acc, 4)} "
                            + (f"val_pgd_acc {record['val_pgd_acc']:.4f} " if rob_data is not None else "") +
                            f"({epoch_seconds:.1f}s, {counter.per_step():.1f}N/step)")
@@ -494,7 +520,7 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
     counter.detach()
     results: dict = {}
     if ctx.is_main:
-        robust = _robust_summary(run, cfg, rob_source) if rob_data is not None else {}
+        robust = _robust_summary(run, cfg, rob_source, n_epochs) if rob_data is not None else {}
         final_state = model.state_dict()
         if cfg.keep_best and robust.get("best_robust_epoch") is not None and (run / "best.pt").is_file():
             final_state = load_checkpoint(run / "best.pt")  # Wong et al.: the best-robust epoch, not the last
@@ -502,10 +528,11 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
         last = _last_metrics(run)
         results = {
             "method": cfg.method, "dataset": cfg.dataset, "arch": cfg.arch, "width": cfg.width,
-            "epochs": cfg.epochs, "train_size": len(train_data), "batch_size": cfg.batch_size, "seed": cfg.seed,
+            "epochs": n_epochs, "train_size": len(train_data), "batch_size": cfg.batch_size, "seed": cfg.seed,
             "final_val_acc": last.get("val_acc"), "val_size": len(val_data) if val_data is not None else 0,
             "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(counter.steps, 1),
-            "train_cpu_seconds": train_cpu,
+            "train_cpu_seconds": train_cpu, "total_steps": budget, "steps": step, "steps_per_epoch": steps_per_epoch,
+            **validation_totals(run),
             "cost": counter.summary(), "cost_N_per_step": counter.per_step(),
             "device": str(device), "threads": torch.get_num_threads(), "versions": software_versions(),
             "world_size": ctx.world_size, "per_rank_batch_size": per_rank_batch,
@@ -547,7 +574,7 @@ def _is_best_epoch(run: Path, epoch: int) -> bool:
     return best is not None and best[0] == epoch
 
 
-def _robust_summary(run: Path, cfg: TrainConfig, source: str) -> dict:
+def _robust_summary(run: Path, cfg: TrainConfig, source: str, epochs: int) -> dict:
     """The per-epoch robust accuracies, the best epoch, and whether catastrophic overfitting
     happened (a fall of more than CATASTROPHIC_DROP below the best so far)."""
     hist = _robust_history(run)
@@ -561,7 +588,20 @@ def _robust_summary(run: Path, cfg: TrainConfig, source: str) -> dict:
                            "per_epoch": [acc for _, acc in hist]},
             "best_robust_epoch": best[0], "best_val_pgd_acc": best[1],
             "final_val_pgd_acc": hist[-1][1] if hist else None,
-            "catastrophic_overfitting_epochs": drops, "model_pt_epoch": best[0] if cfg.keep_best else cfg.epochs}
+            "catastrophic_overfitting_epochs": drops, "model_pt_epoch": best[0] if cfg.keep_best else epochs}
+
+
+#: train_results.json's totals of the per-epoch validation clocks in metrics.jsonl (not in the training time)
+VALIDATION_CLOCKS = {"validation_seconds": "val_seconds", "validation_cpu_seconds": "val_cpu_seconds",
+                     "robust_validation_seconds": "robust_val_seconds",
+                     "robust_validation_cpu_seconds": "robust_val_cpu_seconds"}
+
+
+def validation_totals(run: Path) -> dict[str, float]:
+    """Wall and process CPU seconds of the run's per-epoch clean and robust validation, summed
+    over the epochs of ``metrics.jsonl`` (a resume keeps the lines of the epochs it keeps)."""
+    records = _metric_lines(run / "metrics.jsonl")
+    return {total: sum(r.get(key) or 0.0 for r in records) for total, key in VALIDATION_CLOCKS.items()}
 
 
 def _skip_batches(loader: BatchLoader, batches, n: int) -> None:
