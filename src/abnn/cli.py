@@ -69,10 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "format too: the offline form of the downloads), or IMAGENET1K_V1 (downloaded)")
     p.add_argument("--substitute-width", type=float, default=d.substitute_width, help="width of a bare substitute weights file")
     p.add_argument("--substitute-stats", choices=("sample", "batch"), default=d.substitute_stats)
+    p.add_argument("--substitute-std", choices=("biased", "unbiased"), default=d.substitute_std,
+                   help="sigma(z_s): biased sqrt(var+eps) (default) or unbiased torch.std without eps (the authors' code)")
     p.add_argument("--encoder", choices=("flatten", "pooled"), default=d.encoder)
     p.add_argument("--no-bn-affine", action="store_true", help="adaptive layers without BN's own affine")
     p.add_argument("--substitute-arch", default=d.substitute_arch,
-                   help="architecture of a bare substitute weights file: vgg19_bn (default), r3d_18, resnet20")
+                   help="architecture of a bare substitute weights file: vgg19_bn (default), r3d_18, r3d_18_authors, resnet20")
     p.add_argument("--substitute-taps", default=None, metavar="NAME,NAME,...",
                    help="tap the substitute at these module names (one per target stage), e.g. for resnet20: "
                         "layer1.0,layer1,layer2,layer3.0,layer3")
@@ -254,7 +256,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     cfg = _config_from_args(
         a, method=a.method, dataset="cifar10", arch=a.arch, substitute=a.substitute,
         substitute_width=a.substitute_width, substitute_stats=a.substitute_stats, encoder=a.encoder,
-        bn_affine=not a.no_bn_affine, at_steps=a.at_steps, include_jpeg=a.include_jpeg,
+        substitute_std=a.substitute_std, bn_affine=not a.no_bn_affine, at_steps=a.at_steps, include_jpeg=a.include_jpeg,
         substitute_arch=a.substitute_arch, in_domain_substitute=a.allow_in_domain_substitute,
         substitute_taps=a.substitute_taps.split(",") if a.substitute_taps else None,
         fast_at_alpha=a.fast_at_alpha, robust_val_size=a.robust_val_size, keep_best=a.keep_best,

@@ -23,7 +23,7 @@ from .data.datasets import DATASETS, input_shape
 from .errors import AbnnError, RunLockedError, SettingsMismatchError
 from .files import ensure_writable
 from .framework import ABNN
-from .models import build_model, r3d18_substitute, resnet20_reference, vgg19_bn_substitute, with_oudefend
+from .models import build_model, r3d18_authors_substitute, r3d18_substitute, resnet20_reference, vgg19_bn_substitute, with_oudefend
 from .models.io import check_state_dict, load_state_dict_file
 from .models.torchvision_weights import torchvision_file_arch
 
@@ -85,9 +85,11 @@ def build_substitute(cfg: TrainConfig, *, load_weights: bool = True) -> nn.Modul
         return vgg19_bn_substitute(ncls, width=width, weights=weights)
     if arch == "r3d_18":
         return r3d18_substitute(ncls, width=width, weights=weights)
+    if arch == "r3d_18_authors":  # the authors' 3D ResNet-18 (type-A shortcuts), models/r3d_authors.py
+        return r3d18_authors_substitute(ncls, width=width, weights=weights)
     if arch == "resnet20":  # the reference CIFAR-10 ResNet-20, tapped by module name (substitute_taps)
         return resnet20_reference(weights)
-    raise AbnnError(f"unknown substitute architecture {arch!r}; use vgg19_bn (images), r3d_18 (video) or "
+    raise AbnnError(f"unknown substitute architecture {arch!r}; use vgg19_bn (images), r3d_18 or r3d_18_authors (video) or "
                     "resnet20 (the reference CIFAR-10 model, with --substitute-taps)")
 
 
@@ -103,7 +105,8 @@ def build_model_from_config(cfg: TrainConfig, *, load_substitute: bool = True) -
         return target
     substitute = build_substitute(cfg, load_weights=load_substitute)
     return ABNN(target, substitute, input_shape=input_shape(cfg.dataset, frames=cfg.frames), substitute_taps=cfg.substitute_taps,
-                substitute_stats=cfg.substitute_stats, encoder=cfg.encoder, bn_affine=cfg.bn_affine)
+                substitute_stats=cfg.substitute_stats, encoder=cfg.encoder, bn_affine=cfg.bn_affine,
+                substitute_std=cfg.substitute_std)
 
 
 def load_run(run_dir: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig]:
