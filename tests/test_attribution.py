@@ -58,3 +58,25 @@ def test_path_swap_with_itself_is_the_normal_forward(tiny_abnn):
 def test_refuses_non_abnn():
     with pytest.raises(UnsupportedModelError):
         gradient_attribution(resnet18_cifar(width=1 / 16), torch.rand(1, 3, 32, 32), torch.tensor([0]))
+
+
+def test_cli_attribution_and_protocol_attack(fake_data_root, tmp_path, capsys):
+    import json
+
+    from abnn.cli import main
+
+    root = ["--data-root", str(fake_data_root), "--no-progress", "--threads", "1"]
+    run = tmp_path / "abnn"
+    assert main(["train", "--method", "abnn", "--substitute", "random", "--substitute-width", "0.0625",
+                 "--substitute-std", "unbiased", "--out", str(run), "--width", "0.0625", "--epochs", "1",
+                 "--train-size", "16", "--batch-size", "16", "--val-size", "0", *root]) == 0
+    assert json.loads((run / "config.json").read_text())["substitute_std"] == "unbiased"
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--attribution", "--n-eval", "6", "--batch-size", "4", *root]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["n"] == 6 and set(printed["path_swap"]) >= {"target_label", "substitute_label", "neither"}
+    saved = json.loads((run / "forensics.json").read_text())
+    assert abs(saved["attribution_median"]["target"]["share"] - printed["share_median"]["target"]) < 1e-12
+    assert main(["evaluate", str(run), "--attack", "pgd-target-only:steps=1", "--n-eval", "4", *root]) == 0
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["attacks"]["pgd-target-only:steps=1"]["kind"] == "weaker threat model"

@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attack to run, repeatable (default pgd); options override the registry's defaults, e.g. "
                         "pgd:steps=20,alpha=0.5/255 or apgd-t:n_target_classes=3; with --suite, added to the suite")
     p.add_argument("--list-attacks", action="store_true", help="list every attack with its defaults and exit")
+    p.add_argument("--attribution", action="store_true",
+                   help="ABNN forensics instead of attacks: split of the input gradient (target path vs substitute "
+                        "statistics/encoder) and the path swap, on the first --n-eval images (JSON: --out, default "
+                        "RUN/forensics.json)")
     p.add_argument("--n-eval", type=int, default=1000, help="test samples (default 1000)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--eps", default=None, metavar="K[/255]",
@@ -330,6 +334,14 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     eps = parse_pixel_budget(a.eps, what="--eps") if a.eps is not None else None
     sources = dict(s.split("=", 1) if "=" in s else (Path(s).name, s) for s in (a.source or []))
     device = str(resolve_device(a.device))
+    if a.attribution:
+        from .evaluation.attribution import forensics_run
+
+        res = forensics_run(a.run, n_eval=a.n_eval, batch_size=a.batch_size, data_root=a.data_root, device=device,
+                            seed=a.seed, out=a.out)
+        print(json.dumps({k: res[k] for k in ("run", "n", "path_swap")}
+                         | {"share_median": {p: m["share"] for p, m in res["attribution_median"].items()}}))
+        return 0
     if a.suite in ("full", "quick"):
         from .evaluation import run_suite_on_run
 

@@ -29,7 +29,8 @@ from torch import Tensor
 from ..attacks import UnsupportedModelError
 from ..framework import ABNN
 
-__all__ = ["Attribution", "PathSwap", "gradient_attribution", "path_swap", "summarize_attribution", "swap_partners"]
+__all__ = ["Attribution", "PathSwap", "forensics", "forensics_run", "gradient_attribution", "path_swap",
+           "summarize_attribution", "swap_partners"]
 
 
 @dataclass
@@ -214,3 +215,47 @@ def path_swap(model: ABNN, x: Tensor, y: Tensor, *, seed: int = 0, batch_size: i
 def _pixels(x: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
     x = x.to(device)
     return x.to(dtype).div_(255) if x.dtype == torch.uint8 else x.to(dtype)
+
+
+# ------------------------------------------------------------------------------------ run folders
+
+
+def forensics(model: ABNN, x: Tensor, y: Tensor, *, batch_size: int = 256, seed: int = 0) -> dict[str, Any]:
+    """Gradient attribution (medians over samples of :meth:`Attribution.metrics`, computed batch
+    by batch) and the path swap summary on ``(x, y)`` (float pixels in [0, 1] or uint8)."""
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    per_sample: dict[str, dict[str, list[Tensor]]] = {}
+    for i in range(0, len(x), batch_size):
+        att = gradient_attribution(model, _pixels(x[i:i + batch_size], device, dtype), y[i:i + batch_size].to(device))
+        for part, m in att.metrics().items():
+            for k, v in m.items():
+                per_sample.setdefault(part, {}).setdefault(k, []).append(v.detach().cpu())
+    metrics = {part: {k: torch.cat(v) for k, v in m.items()} for part, m in per_sample.items()}
+    return {"n": len(x), "attribution_median": summarize_attribution(metrics),
+            "definitions": {"share": "<part, full> / ||full||^2 (shares of target+substitute, or of "
+                                     "target+stats+encoder, sum to 1 per sample)",
+                            "norm_ratio": "||part|| / ||full||", "cosine": "cos(part, full)",
+                            "sign_agreement": "fraction of pixels with sign(part) == sign(full)"},
+            "path_swap": path_swap(model, x, y, seed=seed, batch_size=batch_size).summary()}
+
+
+def forensics_run(run_dir: str | Any, *, n_eval: int = 1000, batch_size: int = 256, data_root: str | None = None,
+                  device: str = "cpu", seed: int = 0, out: str | Any | None = None) -> dict[str, Any]:
+    """:func:`forensics` on a finished ABNN run and the first ``n_eval`` test samples of its
+    dataset; written as JSON to ``out`` (default ``run_dir/forensics.json``)."""
+    from pathlib import Path
+
+    from ..config import write_json_atomic
+    from ..data import load_dataset
+    from ..runs import load_run
+    from .runner import as_tensors
+
+    model, cfg = load_run(run_dir, device=device)
+    if not isinstance(model, ABNN):
+        raise UnsupportedModelError(f"forensics need an ABNN run; {run_dir} is a {cfg.method} run")
+    data = load_dataset(cfg.dataset, "test", data_root or cfg.data_root, frames=cfg.frames).subset(n_eval)
+    x, y = as_tensors(data, n_eval)
+    res = {"run": str(run_dir), "dataset": cfg.dataset, "seed": seed, **forensics(model, x, y, batch_size=batch_size,
+                                                                                   seed=seed)}
+    write_json_atomic(Path(out) if out is not None else Path(run_dir) / "forensics.json", res)
+    return res
