@@ -96,10 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "format too: the offline form of the downloads), or IMAGENET1K_V1 (downloaded)")
     p.add_argument("--substitute-width", type=float, default=d.substitute_width, help="width of a bare substitute weights file")
     p.add_argument("--substitute-stats", choices=("sample", "batch"), default=d.substitute_stats)
+    p.add_argument("--substitute-std", choices=("biased", "unbiased"), default=d.substitute_std,
+                   help="sigma(z_s): biased sqrt(var+eps) (default) or unbiased torch.std without eps (the authors' code)")
     p.add_argument("--encoder", choices=("flatten", "pooled"), default=d.encoder)
     p.add_argument("--no-bn-affine", action="store_true", help="adaptive layers without BN's own affine")
     p.add_argument("--substitute-arch", default=d.substitute_arch,
-                   help="architecture of a bare substitute weights file: vgg19_bn (default), r3d_18, resnet20")
+                   help="architecture of a bare substitute weights file: vgg19_bn (default), r3d_18, r3d_18_authors, resnet20")
     p.add_argument("--substitute-taps", default=None, metavar="NAME,NAME,...",
                    help="tap the substitute at these module names (one per target stage), e.g. for resnet20: "
                         "layer1.0,layer1,layer2,layer3.0,layer3")
@@ -141,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attack to run, repeatable (default pgd); options override the registry's defaults, e.g. "
                         "pgd:steps=20,alpha=0.5/255 or apgd-t:n_target_classes=3; with --suite, added to the suite")
     p.add_argument("--list-attacks", action="store_true", help="list every attack with its defaults and exit")
+    p.add_argument("--attribution", action="store_true",
+                   help="ABNN forensics instead of attacks: split of the input gradient (target path vs substitute "
+                        "statistics/encoder) and the path swap, on the first --n-eval images (JSON: --out, default "
+                        "RUN/forensics.json)")
     p.add_argument("--n-eval", type=int, default=1000, help="test samples (default 1000)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--eps", default=None, metavar="K[/255]",
@@ -294,7 +300,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     cfg = _config_from_args(
         a, method=a.method, dataset="cifar10", arch=a.arch, substitute=a.substitute,
         substitute_width=a.substitute_width, substitute_stats=a.substitute_stats, encoder=a.encoder,
-        bn_affine=not a.no_bn_affine, at_steps=a.at_steps, include_jpeg=a.include_jpeg,
+        substitute_std=a.substitute_std, bn_affine=not a.no_bn_affine, at_steps=a.at_steps, include_jpeg=a.include_jpeg,
         substitute_arch=a.substitute_arch, in_domain_substitute=a.allow_in_domain_substitute,
         substitute_taps=a.substitute_taps.split(",") if a.substitute_taps else None,
         fast_at_alpha=a.fast_at_alpha, robust_val_size=a.robust_val_size, keep_best=a.keep_best,
@@ -368,6 +374,14 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     eps = parse_pixel_budget(a.eps, what="--eps") if a.eps is not None else None
     sources = dict(s.split("=", 1) if "=" in s else (Path(s).name, s) for s in (a.source or []))
     device = str(resolve_device(a.device))
+    if a.attribution:
+        from .evaluation.attribution import forensics_run
+
+        res = forensics_run(a.run, n_eval=a.n_eval, batch_size=a.batch_size, data_root=a.data_root, device=device,
+                            seed=a.seed, out=a.out)
+        print(json.dumps({k: res[k] for k in ("run", "n", "path_swap")}
+                         | {"share_median": {p: m["share"] for p, m in res["attribution_median"].items()}}))
+        return 0
     if a.suite in ("full", "quick"):
         from .evaluation import run_suite_on_run
 

@@ -86,6 +86,8 @@ class TrainConfig:
     # accept a substitute trained on the target's own dataset (an upper bound that breaks the premise)
     in_domain_substitute: bool = field(default=False, metadata={"flag": "--allow-in-domain-substitute"})
     substitute_stats: str = "sample"         # sample | batch
+    # sigma(z_s) of eq. (2): biased sqrt(var + eps) (ours) | unbiased torch.std, no eps (the authors' code)
+    substitute_std: str = "biased"
     encoder: str = "flatten"                 # flatten | pooled (pooled for video: flatten is infeasible there)
     bn_affine: bool = field(default=True, metadata={"flag": "--no-bn-affine"})
     # PGD-AT (METHOD.md s. 5)
@@ -136,6 +138,7 @@ class TrainConfig:
         if self.keep_best and self.robust_val_size == 0:
             raise AbnnError("--keep-best needs a per-epoch robust accuracy: set --robust-val-size K (e.g. 500)")
         _choice("substitute_stats", self.substitute_stats, ("sample", "batch"))
+        _choice("substitute_std", self.substitute_std, ("biased", "unbiased"))
         _choice("encoder", self.encoder, ("flatten", "pooled"))
         _choice("amp", self.amp, AMP_MODES)
         return self

@@ -5,20 +5,67 @@ layer (eq. 2) replaces the stage output ``z_t`` by ``AdaptiveBN(z_t, z_s)``, whe
 substitute's feature at the paired tap.  The substitute is frozen (eval mode, no parameter
 gradients, never updated) but stays inside the autograd graph with respect to the input, so a
 white-box attacker differentiates through target, substitute and statistics alike.
+
+Weaker threat models (forensics, issue 19): :meth:`ABNN.gradient_protocol` changes what an
+attacker's gradient goes through -- the substitute's features, only their moments, only the
+AdaIN encoder, the type-A shortcuts, or the target's BN statistics -- without changing the
+model (:data:`PROTOCOLS`, :class:`GradientProtocol`, :class:`ProtocolView`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .errors import InputRangeError
-from .layers import AdaptiveBatchNorm2d, AdaptiveBatchNorm3d, EncoderKind, SubstituteStats
+from .layers import AdaptiveBatchNorm2d, AdaptiveBatchNorm3d, EncoderKind, SubstituteStats, SubstituteStd
+from .models.common import ZeroPadShortcut
 
-__all__ = ["ABNN"]
+__all__ = ["ABNN", "GradientProtocol", "PROTOCOLS", "ProtocolView", "replace_adaptive_with_bn"]
+
+
+@dataclass(frozen=True)
+class GradientProtocol:
+    """What an attacker's gradient does NOT go through (a weaker threat model than white-box).
+
+    Forward values are unchanged by the four ``detach_*`` fields (only the backward pass is cut);
+    ``clean_substitute`` and ``train_bn`` change the forward used for crafting.  Scoring always
+    uses the unmodified model.
+
+    Attributes:
+        detach_substitute: ``z_s`` constant: mu_s, sigma_s, gamma_s, beta_s all detached (the
+            paper's s. 3.1 remark that "the adversary focuses more on the target model").
+        detach_stats: only ``(mu_s, sigma_s)`` of eq. (2) detached.
+        detach_encoder: only ``(gamma_s, beta_s) = AdaIN(z_s)`` of eq. (2) detached.
+        clean_substitute: the substitute sees the clean image (the attack cannot move ``z_s``).
+        train_bn: the target's BatchNorm (its own and the adaptive layers' ``bn``) normalises with
+            the attacked batch's statistics (train mode) without updating its running statistics.
+        detach_type_a: the substitute's type-A zero-pad shortcuts are built from detached data
+            (the authors' released 3D ResNet-18: ``torch.cat([out.data, zero_pads])``).
+    """
+
+    detach_substitute: bool = False
+    detach_stats: bool = False
+    detach_encoder: bool = False
+    clean_substitute: bool = False
+    train_bn: bool = False
+    detach_type_a: bool = False
+
+
+#: The named protocols (registry entries ``pgd-<name>``, :mod:`abnn.attacks.protocols`).
+PROTOCOLS: dict[str, GradientProtocol] = {
+    "target-only": GradientProtocol(detach_substitute=True),
+    "no-encoder-grad": GradientProtocol(detach_encoder=True),
+    "no-stats-grad": GradientProtocol(detach_stats=True),
+    "clean-substitute": GradientProtocol(clean_substitute=True),
+    "train-bn": GradientProtocol(train_bn=True),
+    "typeA-detach": GradientProtocol(detach_type_a=True),
+}
 
 
 class ABNN(nn.Module):
@@ -37,8 +84,9 @@ class ABNN(nn.Module):
         substitute_taps: names of substitute submodules to tap (only for substitutes without
             ``return_taps``); pairs with ``target_stages`` in order.
         input_shape: shape of one input sample, e.g. ``(3, 32, 32)``; used once to size the layers.
-        substitute_stats, encoder, bn_affine, encoder_hidden, max_flatten_params: passed to every
-            :class:`~abnn.layers.AdaptiveBatchNorm` (``METHOD.md`` s. 1).
+        substitute_stats, encoder, bn_affine, encoder_hidden, max_flatten_params, substitute_std:
+            passed to every :class:`~abnn.layers.AdaptiveBatchNorm` (``METHOD.md`` s. 1;
+            ``substitute_std="unbiased"`` is the authors' ``torch.std``).
         check_input: refuse input that is not finite pixels in [0, 1] (NaN, 0-255 images,
             already-normalised tensors) with an :class:`~abnn.errors.InputRangeError`; see
             :meth:`check_pixels`.  Also settable later (``model.check_input = False``).
@@ -63,6 +111,7 @@ class ABNN(nn.Module):
         encoder_hidden: int = 256,
         max_flatten_params: int | None = None,
         check_input: bool = True,
+        substitute_std: SubstituteStd = "biased",
     ) -> None:
         super().__init__()
         self.check_input = check_input
@@ -103,13 +152,15 @@ class ABNN(nn.Module):
         self.adaptive = nn.ModuleDict({
             name.replace(".", "_"): layer_cls(
                 shape_t[0], shape_s, substitute_stats=substitute_stats, encoder=encoder,
-                affine=bn_affine, encoder_hidden=encoder_hidden, **extra,
+                affine=bn_affine, encoder_hidden=encoder_hidden, substitute_std=substitute_std, **extra,
             )
             for name, shape_t, shape_s in zip(self.target_stages, stage_shapes, tap_shapes)
         })
         self.encoder = encoder
+        self.substitute_std = substitute_std
 
-        self._pending: dict[str, Tensor] | None = None
+        self._pending: dict[str, tuple[Tensor, Tensor]] | None = None
+        self._protocol: GradientProtocol | None = None
         # Bound-method partials (not closures), so that copy.deepcopy(abnn) rebinds the hooks
         # to the copy instead of the original.
         for name in self.target_stages:
@@ -139,24 +190,99 @@ class ABNN(nn.Module):
                 "module, not abnn.target directly"
             )
         try:
-            z_s = self._pending.pop(name)
+            z_stats, z_enc = self._pending.pop(name)
         except KeyError:
             raise RuntimeError(f"stage {name!r} ran twice in one forward; ABNN stages must run once") from None
-        return self.adaptive[name.replace(".", "_")](output, z_s)
+        return self.adaptive[name.replace(".", "_")](output, z_stats, z_enc)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != len(self.input_shape) + 1 or x.shape[1] != self.input_shape[0]:
-            raise ValueError(
-                f"ABNN expects input of shape (B, {', '.join(map(str, self.input_shape))}) in [0, 1]; got {tuple(x.shape)}"
-            )
+    def forward(self, x: Tensor, *, substitute_input: Tensor | None = None) -> Tensor:
+        """Logits of eq. (2)'s framework on ``x`` (pixels in [0, 1]).
+
+        ``substitute_input``: feed the substitute another input of the same shape (default
+        ``x``): the target path runs on ``x`` and its adaptive layers take the statistics of
+        the substitute's features of ``substitute_input`` (the path swap of
+        :func:`abnn.evaluation.attribution.path_swap`).  Inside :meth:`gradient_protocol` the
+        active protocol's detaching applies."""
+        self._check_shape(x)
         if self.check_input and not torch.compiler.is_compiling():
             self.check_pixels(x)
-        feats = self.substitute_features(x)
-        self._pending = dict(zip(self.target_stages, feats))
+        xs = x
+        if substitute_input is not None:
+            if substitute_input.shape != x.shape:
+                raise ValueError(f"substitute_input must have the shape of x {tuple(x.shape)}, "
+                                 f"got {tuple(substitute_input.shape)}")
+            if self.check_input and not torch.compiler.is_compiling():
+                self.check_pixels(substitute_input)
+            xs = substitute_input
+        p = self._protocol or GradientProtocol()
+        with torch.no_grad() if p.detach_substitute else contextlib.nullcontext():
+            feats = self.substitute_features(xs)
+        stats = [f.detach() for f in feats] if p.detach_stats else feats
+        enc = [f.detach() for f in feats] if p.detach_encoder else feats
+        return self.target_forward(x, stats, enc)
+
+    def target_forward(self, x: Tensor, stats_features: Sequence[Tensor], encoder_features: Sequence[Tensor]) -> Tensor:
+        """The target path on ``x`` with given substitute features per stage: ``(mu_s, sigma_s)``
+        of eq. (2) from ``stats_features[k]``, ``(gamma_s, beta_s)`` from ``encoder_features[k]``.
+        ``forward`` passes the substitute's features of the input as both; the gradient
+        attribution passes detached leaves to separate the paths (no input checks here)."""
+        if len(stats_features) != len(self.target_stages) or len(encoder_features) != len(self.target_stages):
+            raise ValueError(f"need {len(self.target_stages)} substitute features per kind, got "
+                             f"{len(stats_features)} and {len(encoder_features)}")
+        self._pending = dict(zip(self.target_stages, zip(stats_features, encoder_features)))
         try:
             return self.target(x)
         finally:
             self._pending = None
+
+    def _check_shape(self, x: Tensor) -> None:
+        if x.dim() != len(self.input_shape) + 1 or x.shape[1] != self.input_shape[0]:
+            raise ValueError(
+                f"ABNN expects input of shape (B, {', '.join(map(str, self.input_shape))}) in [0, 1]; got {tuple(x.shape)}"
+            )
+
+    # -- weaker threat models -----------------------------------------------------------------------
+    def type_a_shortcuts(self) -> list[ZeroPadShortcut]:
+        """The substitute's type-A zero-pad shortcuts (:class:`~abnn.models.common.ZeroPadShortcut`)."""
+        return [m for m in self.substitute.modules() if isinstance(m, ZeroPadShortcut)]
+
+    @contextlib.contextmanager
+    def gradient_protocol(self, protocol: str | GradientProtocol) -> Iterator[GradientProtocol]:
+        """Within the block, forward passes use ``protocol`` (a name of :data:`PROTOCOLS` or a
+        :class:`GradientProtocol`); on exit every flag and mode is as before.  The one mechanism
+        of the weaker threat models: the ``detach_*`` fields cut the backward pass only (the
+        logits are bit-identical); ``train_bn`` switches the target's BatchNorm layers to batch
+        statistics without touching their running statistics; ``clean_substitute`` is honoured
+        by :class:`ProtocolView`, which passes the clean image as ``substitute_input``.
+
+        Example::
+
+            with model.gradient_protocol("target-only"):
+                loss = F.cross_entropy(model(x), y)   # d loss / dx through the target path only
+        """
+        p = PROTOCOLS[protocol] if isinstance(protocol, str) and protocol in PROTOCOLS else protocol
+        if not isinstance(p, GradientProtocol):
+            raise ValueError(f"unknown gradient protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        shortcuts = self.type_a_shortcuts() if p.detach_type_a else []
+        if p.detach_type_a and not shortcuts:
+            raise ValueError(f"protocol typeA-detach needs a substitute with type-A zero-pad shortcuts; "
+                             f"{type(self.substitute).__name__} has none")
+        bns = [m for m in (*self.target.modules(), *self.adaptive.modules())
+               if isinstance(m, nn.modules.batchnorm._BatchNorm)] if p.train_bn else []
+        saved = (self._protocol, [m.detach_input for m in shortcuts], [(m.training, m.track_running_stats) for m in bns])
+        self._protocol = p
+        try:
+            for m in shortcuts:
+                m.detach_input = True
+            for m in bns:  # batch statistics, running statistics neither used nor updated
+                m.training, m.track_running_stats = True, False
+            yield p
+        finally:
+            self._protocol = saved[0]
+            for m, d in zip(shortcuts, saved[1]):
+                m.detach_input = d
+            for m, (t, r) in zip(bns, saved[2]):
+                m.training, m.track_running_stats = t, r
 
     @staticmethod
     def check_pixels(x: Tensor) -> None:
@@ -210,7 +336,55 @@ class ABNN(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"target_stages={self.target_stages}, substitute_stats={self.substitute_stats!r}, "
-                f"encoder={self.encoder!r}")
+                f"encoder={self.encoder!r}" + ("" if self.substitute_std == "biased"
+                                                 else f", substitute_std={self.substitute_std!r}"))
+
+
+class ProtocolView(nn.Module):
+    """``model`` seen through a gradient protocol: ``view(x)`` is ``model(x)`` inside
+    ``model.gradient_protocol(protocol)`` (with ``substitute_input=view.clean`` for
+    ``clean_substitute``).  An attack crafts on the view; the model itself is unchanged and is
+    what scores the result (:class:`abnn.attacks.ProtocolAttack`).  The view's train/eval mode is
+    the model's (it holds no parameters of its own and does not register ``model`` as a child).
+
+    ``clean``: the clean batch for ``clean_substitute`` (set by the attack for one call); an
+    input batch of another size (e.g. a restart on a subset) is refused.
+    """
+
+    def __init__(self, model: ABNN, protocol: str | GradientProtocol) -> None:
+        super().__init__()
+        if not isinstance(model, ABNN):
+            raise TypeError(f"a gradient protocol needs an ABNN model, got {type(model).__name__}")
+        with model.gradient_protocol(protocol) as p:  # validates the name and the model (type-A shortcuts)
+            self.protocol = p
+        self.name = protocol if isinstance(protocol, str) else repr(protocol)
+        object.__setattr__(self, "model", model)   # not a child: modes and state dicts stay the model's
+        self.clean: Tensor | None = None
+
+    @property
+    def training(self) -> bool:  # type: ignore[override]
+        return self.model.training
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        pass  # nn.Module.__init__ sets it; the mode is the model's
+
+    def train(self, mode: bool = True) -> "ProtocolView":
+        self.model.train(mode)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        sub = None
+        if self.protocol.clean_substitute:
+            if self.clean is None or self.clean.shape != x.shape:
+                raise RuntimeError("protocol clean-substitute needs the clean batch of the same shape "
+                                   "(view.clean); run it through ProtocolAttack with restarts=1")
+            sub = self.clean
+        with self.model.gradient_protocol(self.protocol):
+            return self.model(x, substitute_input=sub)
+
+    def extra_repr(self) -> str:
+        return f"protocol={self.name!r}"
 
 
 def _device_of(module: nn.Module) -> torch.device:

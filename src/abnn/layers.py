@@ -24,10 +24,15 @@ __all__ = [
     "AdaptiveBatchNorm3d",
     "FlattenEncoder",
     "PooledEncoder",
+    "SUBSTITUTE_STD",
     "substitute_moments",
 ]
 
 SubstituteStats = Literal["sample", "batch"]
+#: how ``sigma(z_s)`` is taken: ``"biased"`` = ``sqrt(var + eps)`` (BatchNorm's, our default);
+#: ``"unbiased"`` = ``torch.std`` (correction 1, no eps), as the authors' released code does
+SubstituteStd = Literal["biased", "unbiased"]
+SUBSTITUTE_STD = ("biased", "unbiased")
 EncoderKind = Literal["flatten", "pooled"]
 
 #: Refuse a ``flatten`` encoder above this many parameters per layer (the video model of the
@@ -35,12 +40,15 @@ EncoderKind = Literal["flatten", "pooled"]
 DEFAULT_MAX_FLATTEN_PARAMS = 50_000_000
 
 
-def substitute_moments(z_s: Tensor, mode: SubstituteStats, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+def substitute_moments(z_s: Tensor, mode: SubstituteStats, eps: float = 1e-5, *,
+                       std: SubstituteStd = "biased") -> tuple[Tensor, Tensor]:
     """``mu(z_s)`` and ``sigma(z_s)`` of eq. (2), shaped to broadcast against ``z_t``.
 
     ``sample``: one mean/std per sample over all its C*H*W(*T) activations, shape (B, 1, 1, ...).
     ``batch``: one scalar pair over the whole batch tensor, shape (1, 1, 1, ...).
-    The standard deviation is the biased one, ``sqrt(var + eps)``, as in BatchNorm.
+    ``std="biased"`` (default): ``sqrt(var + eps)`` with the biased variance, as in BatchNorm.
+    ``std="unbiased"``: ``torch.std`` with Bessel's correction and no eps, as the authors' released
+    video code (``torch.std(prior)`` of the flattened batch: ``mode="batch"``) does.
     Computed with autograd on: an attacker gets the exact gradient through the statistics.
     """
     if mode == "sample":
@@ -49,8 +57,13 @@ def substitute_moments(z_s: Tensor, mode: SubstituteStats, eps: float = 1e-5) ->
         dims = tuple(range(z_s.dim()))
     else:
         raise ValueError(f"substitute_stats must be 'sample' or 'batch', got {mode!r}")
-    var, mean = torch.var_mean(z_s, dim=dims, keepdim=True, correction=0)
-    return mean, torch.sqrt(var + eps)
+    if std == "biased":
+        var, mean = torch.var_mean(z_s, dim=dims, keepdim=True, correction=0)
+        return mean, torch.sqrt(var + eps)
+    if std == "unbiased":
+        sigma, mean = torch.std_mean(z_s, dim=dims, keepdim=True, correction=1)
+        return mean, sigma
+    raise ValueError(f"substitute_std must be 'biased' or 'unbiased', got {std!r}")
 
 
 class FlattenEncoder(nn.Module):
@@ -123,6 +136,8 @@ class AdaptiveBatchNorm(nn.Module):
         substitute_stats: ``"sample"`` (default) or ``"batch"``, how ``mu(z_s)``, ``sigma(z_s)``
             are taken (``METHOD.md`` s. 1).  With ``"sample"`` a prediction never depends on the
             rest of its batch in eval mode.
+        substitute_std: ``"biased"`` (default, ``sqrt(var + eps)``) or ``"unbiased"`` (the
+            authors' ``torch.std``); see :func:`substitute_moments`.
         encoder: ``"flatten"`` (authors' code, default for images) or ``"pooled"``.
         affine: keep BatchNorm's own affine (gamma, beta) on the normalised ``z_t`` (default on,
             as in the authors' code).
@@ -146,10 +161,14 @@ class AdaptiveBatchNorm(nn.Module):
         eps: float = 1e-5,
         encoder_hidden: int = 256,
         max_flatten_params: int = DEFAULT_MAX_FLATTEN_PARAMS,
+        substitute_std: SubstituteStd = "biased",
     ) -> None:
         super().__init__()
         if substitute_stats not in ("sample", "batch"):
             raise ValueError(f"substitute_stats must be 'sample' or 'batch', got {substitute_stats!r}")
+        if substitute_std not in SUBSTITUTE_STD:
+            raise ValueError(f"substitute_std must be 'biased' or 'unbiased', got {substitute_std!r}")
+        self.substitute_std = substitute_std
         substitute_shape = tuple(int(s) for s in substitute_shape)
         if len(substitute_shape) != self._feature_dim - 1:
             raise ValueError(
@@ -171,7 +190,15 @@ class AdaptiveBatchNorm(nn.Module):
         else:
             raise ValueError(f"encoder must be 'flatten' or 'pooled', got {encoder!r}")
 
-    def forward(self, z_t: Tensor, z_s: Tensor) -> Tensor:
+    def moments(self, z_s: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mu_s, sigma_s)`` of eq. (2) with this layer's settings."""
+        return substitute_moments(z_s, self.substitute_stats, self.eps, std=self.substitute_std)
+
+    def forward(self, z_t: Tensor, z_s: Tensor, z_s_encoder: Tensor | None = None) -> Tensor:
+        """Eq. (2).  ``z_s_encoder``, when given, feeds the AdaIN encoder (``gamma_s, beta_s``)
+        while ``z_s`` gives the moments (``mu_s, sigma_s``): the same values with a different
+        autograd graph lets :meth:`abnn.framework.ABNN.gradient_protocol` and the gradient
+        attribution cut or isolate either branch.  Default: ``z_s`` feeds both."""
         if z_t.dim() != self._feature_dim or z_t.shape[1] != self.num_features:
             raise ValueError(
                 f"{type(self).__name__}({self.num_features}) got a target feature of shape "
@@ -182,8 +209,8 @@ class AdaptiveBatchNorm(nn.Module):
                 f"{type(self).__name__} got a substitute feature of shape {tuple(z_s.shape)}; "
                 f"expected ({z_t.shape[0]}, {', '.join(map(str, self.substitute_shape))})"
             )
-        mu_s, sigma_s = substitute_moments(z_s, self.substitute_stats, self.eps)
-        gamma_s, beta_s = self.encoder(z_s)
+        mu_s, sigma_s = self.moments(z_s)
+        gamma_s, beta_s = self.encoder(z_s if z_s_encoder is None else z_s_encoder)
         view = (z_t.shape[0], self.num_features) + (1,) * (self._feature_dim - 2)
         z = torch.addcmul(mu_s, self.bn(z_t), sigma_s)  # moments keep z_s's dims: they broadcast
         return torch.addcmul(beta_s.view(view), gamma_s.view(view), z)
@@ -192,6 +219,7 @@ class AdaptiveBatchNorm(nn.Module):
         return (
             f"{self.num_features}, substitute_shape={self.substitute_shape}, "
             f"substitute_stats={self.substitute_stats!r}, encoder={self.encoder_kind!r}"
+            + ("" if self.substitute_std == "biased" else f", substitute_std={self.substitute_std!r}")
         )
 
 

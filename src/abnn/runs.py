@@ -23,7 +23,8 @@ from .data.datasets import DATASETS, input_shape
 from .errors import AbnnError, RunLockedError, SettingsMismatchError
 from .files import ensure_writable
 from .framework import ABNN
-from .models import MODELS, build_model, r3d18_substitute, resnet20_reference, vgg19_bn_substitute, with_oudefend
+from .models import (MODELS, build_model, r3d18_authors_substitute, r3d18_substitute, resnet20_reference,
+                     vgg19_bn_substitute, with_oudefend)
 from .models.io import check_state_dict, load_state_dict_file
 from .models.torchvision_weights import torchvision_file_arch
 from .probe import Probe
@@ -88,6 +89,8 @@ def build_substitute(cfg: TrainConfig, *, load_weights: bool = True) -> nn.Modul
         return vgg19_bn_substitute(ncls, width=width, weights=weights)
     if arch == "r3d_18":
         return r3d18_substitute(ncls, width=width, weights=weights)
+    if arch == "r3d_18_authors":  # the authors' 3D ResNet-18 (type-A shortcuts), models/r3d_authors.py
+        return r3d18_authors_substitute(ncls, width=width, weights=weights)
     if arch == "resnet20":  # the reference CIFAR-10 ResNet-20, tapped by module name (substitute_taps)
         return resnet20_reference(weights)
     if arch in MODELS and cfg.substitute_taps:  # e.g. a CIFAR ResNet-18 run (Fast-AT), tapped by stage names
@@ -95,8 +98,9 @@ def build_substitute(cfg: TrainConfig, *, load_weights: bool = True) -> nn.Modul
         if weights is not None:
             model.load_state_dict(load_state_dict_file(weights, expect=model))
         return model
-    raise AbnnError(f"unknown substitute architecture {arch!r}; use vgg19_bn (images), r3d_18 (video), resnet20 "
-                    "(the reference CIFAR-10 model) or another model of abnn.models with --substitute-taps")
+    raise AbnnError(f"unknown substitute architecture {arch!r}; use vgg19_bn (images), r3d_18 or r3d_18_authors "
+                    "(video), resnet20 (the reference CIFAR-10 model) or another model of abnn.models with "
+                    "--substitute-taps")
 
 
 def build_model_from_config(cfg: TrainConfig, *, load_substitute: bool = True) -> nn.Module:
@@ -118,7 +122,8 @@ def build_model_from_config(cfg: TrainConfig, *, load_substitute: bool = True) -
         return target
     substitute = build_substitute(cfg, load_weights=load_substitute)
     return ABNN(target, substitute, input_shape=input_shape(cfg.dataset, frames=cfg.frames), substitute_taps=cfg.substitute_taps,
-                substitute_stats=cfg.substitute_stats, encoder=cfg.encoder, bn_affine=cfg.bn_affine)
+                substitute_stats=cfg.substitute_stats, encoder=cfg.encoder, bn_affine=cfg.bn_affine,
+                substitute_std=cfg.substitute_std)
 
 
 def load_run(run_dir: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig]:

@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import substitute_moments
 from .base import Attack, AttackOptionError, FirstFooled, UnsupportedModelError, check_budget, check_count
 
 __all__ = ["StatisticsAttack", "Transfer", "TransferAttack"]
@@ -93,7 +92,7 @@ class StatisticsAttack(Attack):
         return [self.model.adaptive[name.replace(".", "_")] for name in self.model.target_stages]
 
     def _stats(self, layer: nn.Module, z_s: Tensor, gamma: Tensor, beta: Tensor) -> list[Tensor]:
-        mu, sigma = substitute_moments(z_s, self.model.substitute_stats, getattr(layer, "eps", 1e-5))
+        mu, sigma = layer.moments(z_s)
         return [mu, sigma, gamma, beta]
 
     def clean_statistics(self, x: Tensor) -> list[list[Tensor]]:

@@ -33,14 +33,18 @@ from .autoattack import AutoAttack
 from .base import Attack, AttackOptionError, UnsupportedModelError, _fmt
 from .official import OfficialAutoAttack
 from .pgd import PGD
+from .protocols import ProtocolAttack
 from .roa import ROA
 from .square import Square
 
-__all__ = ["AttackEntry", "AttackSpec", "EpsRatio", "REGISTRY", "BLACK_BOX", "ENSEMBLE", "TRANSFER", "WHITE_BOX",
+__all__ = ["AttackEntry", "AttackSpec", "EpsRatio", "REGISTRY", "BLACK_BOX", "ENSEMBLE", "PROTOCOL", "TRANSFER",
+           "WHITE_BOX",
            "attack_defaults", "build_attack", "default_eps", "describe_attacks", "get_entry", "parse_pixel_budget",
            "parse_spec", "register", "resolve_options", "unregister"]
 
 WHITE_BOX, BLACK_BOX, TRANSFER, ENSEMBLE = "white-box", "black-box", "transfer", "ensemble"
+#: a white-box attack whose gradient skips part of the model (:mod:`abnn.attacks.protocols`)
+PROTOCOL = "weaker threat model"
 #: options that are pixel budgets: 1/255 units in spec strings and on the command line
 PIXEL_BUDGETS = ("eps", "alpha")
 #: options every attack takes (see :class:`~abnn.attacks.base.Attack`); not listed as defaults
@@ -65,14 +69,16 @@ class AttackEntry:
         name: the registry name (``abnn evaluate --attack NAME``).
         cls: the attack class; its keyword defaults are the entry's defaults.
         summary: one line for ``--list-attacks`` (cite the source paper).
-        kind: white-box, black-box, transfer or ensemble (the masking checks compare kinds).
+        kind: white-box, black-box, transfer, ensemble, or weaker threat model (a protocol of
+            :mod:`abnn.attacks.protocols`; the masking checks compare kinds).
         norm: ``"linf"`` for an attack in the L-inf eps-ball; ``None`` for another threat model
             (ROA's sticker), which the worst case over the eps-ball leaves out.
         fixed: options the entry fixes (e.g. APGD's loss for ``apgd-ce``); not user options.
         defaults: defaults that differ from the class signature.
         video: defaults for clips (B, C, T, H, W), on top of ``defaults``.
         builder: ``builder(model, video=..., **options) -> Attack``; default ``cls(model, **options)``.
-        inner: the options are those of an inner attack named by option ``attack`` (transfer).
+        inner: the options are those of an inner attack named by option ``attack`` (transfer,
+            protocols).
         requires: what the attack needs, shown by ``--list-attacks``.
         images_only: refuses clips.
     """
@@ -338,6 +344,25 @@ def _build_transfer_bn(model: nn.Module, *, video: bool, **options: Any) -> Atta
     return _build_transfer(model, video=video, source=source, **options)
 
 
+def _protocol_builder(protocol: str) -> Callable[..., Attack]:
+    def build(model: nn.Module, *, video: bool, source: Any = None, **options: Any) -> Attack:
+        if source is not None:
+            raise AttackOptionError(f"protocol {protocol} attacks the model itself; it takes no source")
+        return ProtocolAttack(model, protocol=protocol, **options)
+    return build
+
+
+#: (registry name, protocol of abnn.framework.PROTOCOLS, summary)
+_PROTOCOL_ENTRIES = (
+    ("pgd-target-only", "target-only", "PGD with the substitute's features held constant (mu_s, sigma_s, gamma_s, "
+     "beta_s detached; paper s. 3.1 'the adversary focuses more on the target model')"),
+    ("pgd-no-encoder-grad", "no-encoder-grad", "PGD with only the AdaIN encoder outputs (gamma_s, beta_s) detached"),
+    ("pgd-no-stats-grad", "no-stats-grad", "PGD with only the substitute moments (mu_s, sigma_s) detached"),
+    ("pgd-clean-substitute", "clean-substitute", "PGD with the substitute fed the clean image while crafting"),
+    ("pgd-train-bn", "train-bn", "PGD with the target's BatchNorm on batch statistics while crafting"),
+    ("pgd-typeA-detach", "typeA-detach", "PGD with the substitute's type-A shortcuts detached (the authors' code)"),
+)
+
 _VIDEO_PGD = {"eps": 1 / 255, "alpha": EpsRatio(4)}
 
 for _entry in (
@@ -363,3 +388,9 @@ for _entry in (
                 requires="pip install -e '.[autoattack]'"),
 ):
     register(_entry)
+
+for _name, _protocol, _summary in _PROTOCOL_ENTRIES:
+    register(AttackEntry(_name, ProtocolAttack, _summary + "; scored on the unmodified model", kind=PROTOCOL,
+                         inner=True, builder=_protocol_builder(_protocol), defaults={"attack": "pgd"},
+                         requires="an ABNN model" + (" whose substitute has type-A shortcuts"
+                                                     if _protocol == "typeA-detach" else "")))

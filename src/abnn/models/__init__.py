@@ -10,6 +10,7 @@ from .common import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, Norm
 from .io import load_state_dict_file, safe_torch_load
 from .oudefend import OUDefend2d, OUDefend3d, with_oudefend
 from .r3d import R3D18_TAPS, R3D18Substitute, r3d18_substitute
+from .r3d_authors import R3DAuthors, r3d18_authors_substitute
 from .resnet_cifar import RESNET18_STAGES, ResNet20, ResNetCIFAR, resnet18_cifar
 from .resnext3d import RESNEXT3D_STAGES, ResNeXt3D, resnext3d_101
 from .vgg import VGG19_BN_TAPS, VGGSubstitute, vgg19_bn_substitute
@@ -20,7 +21,7 @@ __all__ = [
     "VGG19_BN_TAPS", "VGGSubstitute", "vgg19_bn_substitute",
     "load_state_dict_file", "safe_torch_load", "resnet20_reference", "build_model", "MODELS",
     "OUDefend2d", "OUDefend3d", "with_oudefend", "R3D18_TAPS", "R3D18Substitute", "r3d18_substitute",
-    "RESNEXT3D_STAGES", "ResNeXt3D", "resnext3d_101",
+    "RESNEXT3D_STAGES", "ResNeXt3D", "resnext3d_101", "R3DAuthors", "r3d18_authors_substitute",
 ]
 
 
@@ -40,6 +41,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnext3d_101": lambda num_classes=101, width=1.0: resnext3d_101(num_classes, width=width),
     "resnext3d_101_b1": lambda num_classes=101, width=1.0: resnext3d_101(num_classes, width=width, blocks=(1, 1, 1, 1)),
     "r3d_18": lambda num_classes=400, width=1.0: r3d18_substitute(num_classes, width=width),
+    "r3d_18_authors": lambda num_classes=400, width=1.0: r3d18_authors_substitute(num_classes, width=width),
 }
 
 

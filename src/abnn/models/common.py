@@ -39,3 +39,24 @@ def scaled(channels: int, width: float) -> int:
     if width <= 0:
         raise ValueError(f"width multiplier must be > 0, got {width}")
     return max(1, int(round(channels * width)))
+
+
+class ZeroPadShortcut(nn.Module):
+    """A type-A residual shortcut (He et al., CVPR 2016, option A): parameter-free, subsample
+    then zero-pad the channels.  Subclasses implement :meth:`shortcut`.
+
+    ``detach_input``: build the shortcut from detached data, as the authors' released 3D ResNet
+    does (``torch.cat([out.data, zero_pads])``): the forward values are unchanged, the gradient
+    through the shortcut branch is cut.  Off by default (the exact gradient);
+    :meth:`abnn.framework.ABNN.gradient_protocol` turns it on for the ``typeA-detach`` protocol.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.detach_input = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.shortcut(x.detach() if self.detach_input else x)
+
+    def shortcut(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, Normalize, scaled
+from .common import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, Normalize, ZeroPadShortcut, scaled
 
 #: The stages after which ABNN puts an adaptive BN layer (paper s. 2: after conv1..conv5 blocks).
 RESNET18_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
@@ -71,12 +71,14 @@ def resnet18_cifar(num_classes: int = 10, *, width: float = 1.0) -> ResNetCIFAR:
 
 # --- CIFAR ResNet-20 (He et al. 2016, option-A shortcuts), the layout of the reference checkpoint ---
 
-class _LambdaPad(nn.Module):
+class _LambdaPad(ZeroPadShortcut):
+    """Type-A shortcut of the reference ResNet-20: stride-2 subsample, planes/4 zero channels each side."""
+
     def __init__(self, planes: int) -> None:
         super().__init__()
         self.pad = planes // 4
 
-    def forward(self, x: Tensor) -> Tensor:
+    def shortcut(self, x: Tensor) -> Tensor:
         return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
 
 
