@@ -14,13 +14,13 @@ from .roa import ROA
 from .square import Square
 from .adaptive import StatisticsAttack, Transfer, TransferAttack
 from .registry import (BLACK_BOX, ENSEMBLE, REGISTRY, TRANSFER, WHITE_BOX, AttackEntry, AttackSpec, EpsRatio,
-                       attack_defaults, build_attack, default_eps, describe_attacks, parse_pixel_budget, parse_spec,
-                       register, resolve_options, unregister)
+                       attack_defaults, build_attack, default_eps, describe_attacks, parse_bool, parse_pixel_budget,
+                       parse_spec, register, resolve_options, unregister)
 
 __all__ = ["Attack", "AttackOptionError", "FirstFooled", "InvalidInputError", "UnsupportedModelError", "check_budget",
            "check_count", "MissingPackageError"]
 __all__ += ["PGD", "ROA", "APGD", "APGDT", "Square", "AutoAttack", "OfficialAutoAttack"]
 __all__ += ["StatisticsAttack", "Transfer", "TransferAttack"]
 __all__ += ["REGISTRY", "AttackEntry", "AttackSpec", "EpsRatio", "WHITE_BOX", "BLACK_BOX", "TRANSFER", "ENSEMBLE",
-            "attack_defaults", "build_attack", "default_eps", "describe_attacks", "parse_pixel_budget", "parse_spec",
-            "register", "resolve_options", "unregister"]
+            "attack_defaults", "build_attack", "default_eps", "describe_attacks", "parse_bool", "parse_pixel_budget",
+            "parse_spec", "register", "resolve_options", "unregister"]
