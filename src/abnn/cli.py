@@ -60,7 +60,7 @@ def _add_adversarial_opts(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     """The options of the adversarial-training methods (pgd-at, fast-at), for targets and substitutes."""
     p.add_argument("--at-steps", type=int, default=d.at_steps, help="PGD-AT attack steps t_max (default 5)")
     p.add_argument("--fast-at-alpha", type=_pixels, default=d.fast_at_alpha, metavar="K/255",
-                   help="Fast-AT's FGSM step in pixel units, written k/255 (default 10/255 = 1.25 eps)")
+                   help="Fast-AT's FGSM step in 1/255 of the pixel range: 10 or 10/255 (default 10/255 = 1.25 eps)")
     p.add_argument("--robust-val-size", type=int, default=d.robust_val_size, metavar="K",
                    help="per-epoch PGD-5 accuracy on K held-out images (CIFAR-10: JPEG training images no run "
                         "trains on; else the last K test images, left out of the clean validation); 0: off (default)")
@@ -239,17 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _pixels(text: str) -> float:
-    """A pixel budget written k/255 (``10/255``) or as a number in [0, 1]."""
+    """A positive pixel budget as everywhere else (:func:`abnn.attacks.parse_pixel_budget`):
+    ``10`` and ``10/255`` both mean 10/255; a bare value in (0, 1) is refused as ambiguous."""
+    from .attacks import parse_pixel_budget
+
     try:
-        if "/" in text:
-            num, den = text.split("/", 1)
-            value = float(num) / float(den)
-        else:
-            value = float(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a pixel budget; write it as k/255, e.g. 10/255") from None
-    if not (0 < value <= 1):
-        raise argparse.ArgumentTypeError(f"{text!r} is outside (0, 1] in pixel units; write it as k/255, e.g. 10/255")
+        value = parse_pixel_budget(text, what="the budget")
+    except AbnnError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive budget; write it as k/255, e.g. 10/255")
     return value
 
 
@@ -390,6 +389,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                                extra_attacks=[parse_spec(s) for s in a.attack or []], progress=not a.no_progress,
                                resume=not a.fresh)
         meta = res.evaluation.metadata
+        _note_cut_short(meta)
         print(json.dumps({"run": meta["run"], "method": meta["method"], "n_eval": res.evaluation.n_eval,
                           "clean_acc": res.evaluation.clean_acc, "robust_acc": res.robust_acc, "verdict": res.verdict,
                           "flags": res.flags}))
@@ -404,10 +404,22 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     res = evaluate_run(a.run, attacks=specs, n_eval=a.n_eval, batch_size=a.batch_size, data_root=a.data_root,
                        device=device, seed=a.seed, eps=eps, sources=sources, progress=not a.no_progress, out=out,
                        resume=not a.fresh)
+    _note_cut_short(res.metadata)
+    worst = res.worst_case()
+    if worst.note:
+        print(f"abnn: note: {worst.note}", file=sys.stderr)
     print(json.dumps({"run": str(a.run), "method": res.metadata["method"], "n_eval": res.n_eval,
                       "clean_acc": res.clean_acc, "robust_acc": {k: r.robust_acc for k, r in res.attacks.items()},
-                      "worst_case": res.worst_case().robust_acc, "eps_255": res.eps * 255}))
+                      "worst_case": worst.robust_acc, "eps_255": res.eps * 255}))
     return 0
+
+
+def _note_cut_short(metadata: dict) -> None:
+    """Say so on stderr when the evaluated run's training stopped early (--max-steps)."""
+    from .runs import cut_short_note
+
+    if metadata.get("training_cut_short"):
+        print(f"abnn: note: {cut_short_note(metadata['run'], metadata['training_cut_short'])}", file=sys.stderr)
 
 
 def cmd_reproduce(a: argparse.Namespace) -> int:
@@ -425,6 +437,8 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     command = "abnn " + " ".join(shlex.quote(s) for s in sys.argv[1:]) if sys.argv[0].endswith("abnn") else ""
+    if a.table1_out is not None and a.table not in ("frontier", "substitute-study"):
+        raise AbnnError(f"--table1-out is for the frontier and substitute-study tables, not {a.table}; drop it")
     if a.table == "studies":
         from .reproduce.frontier import study_settings
         from .reproduce.studies import run_studies
@@ -449,6 +463,9 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
         preset = apply_overrides(get_preset(a.preset), a.overrides)
         study_settings(preset)
         out = a.out or f"out/{a.table}-{a.preset}"
+        if a.table1_out is not None and not Path(a.table1_out).is_dir():
+            raise AbnnError(f"--table1-out {a.table1_out}: no such folder (a Table 1 reproduction's --out, e.g. "
+                            f"out/table1-{a.preset}); fix the path, or leave the flag out to train every stage here")
         table1 = a.table1_out or (f"out/table1-{a.preset}" if Path(f"out/table1-{a.preset}").is_dir() else None)
         runner = run_frontier if a.table == "frontier" else run_substitute_study
         res = runner(preset, out, table1_dir=table1, data_root=a.data_root, device=str(resolve_device(a.device)),

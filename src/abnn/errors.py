@@ -37,3 +37,8 @@ class DivergedError(AbnnError):
 
 class InputRangeError(AbnnError, ValueError):
     """A model input that is not finite pixels in [0, 1] (the models normalise internally)."""
+
+
+class ModelSpecError(AbnnError, ValueError):
+    """A model that cannot be assembled as asked: ABNN target stages or substitute taps that
+    are not module names, or that do not pair up."""

@@ -1,7 +1,8 @@
 """Writing files you can trust: one atomic-write helper, strict JSON, and a writability check.
 
 Every file the package writes goes through :func:`atomic_write`: a temporary file beside the
-target, flushed and fsynced, then renamed onto it.  A kill, a full disk or any other failure
+target, flushed and fsynced, then renamed onto it, with the permissions an ordinary ``open()``
+would give (0666 less the umask).  A kill, a full disk or any other failure
 leaves the previous file intact and no temporary file behind, and ends in one
 :class:`~abnn.errors.WriteError` line naming the file.  Standard library only (no torch), so
 that the settings and the CLI import it cheaply.
@@ -38,6 +39,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         raise WriteError(f"cannot write {path}: {_why(exc)}; choose another --out or fix the folder") from None
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; give the mode open() would
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -49,6 +51,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             raise WriteError(f"cannot write {path}: {_why(exc)}; the previous file, if any, is unchanged "
                              "(full disk? free space or choose another --out)") from None
         raise
+
+
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _why(exc: BaseException) -> str:

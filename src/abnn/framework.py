@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .errors import InputRangeError
+from .errors import InputRangeError, ModelSpecError
 from .layers import AdaptiveBatchNorm2d, AdaptiveBatchNorm3d, EncoderKind, SubstituteStats, SubstituteStd
 from .models.common import ZeroPadShortcut
 
@@ -128,12 +129,21 @@ class ABNN(nn.Module):
         modules_t = dict(target.named_modules())
         for name in self.target_stages:
             if name not in modules_t or name == "":
-                raise ValueError(f"target has no submodule named {name!r}; stages must be names from target.named_modules()")
+                raise ModelSpecError(f"target has no submodule named {name!r}; stages must be names from "
+                                     "target.named_modules()")
+        if self.substitute_taps is None and "return_taps" not in inspect.signature(substitute.forward).parameters:
+            raise ModelSpecError(f"{type(substitute).__name__} cannot return its features itself: name the substitute "
+                                 f"modules to tap, one per target stage ({len(self.target_stages)}), with "
+                                 f"substitute_taps / --substitute-taps; its modules: {_module_names(substitute)}")
         if self.substitute_taps is not None:
-            modules_s = dict(substitute.named_modules())
-            for name in self.substitute_taps:
-                if name not in modules_s:
-                    raise ValueError(f"substitute has no submodule named {name!r}")
+            bad = [n for n in self.substitute_taps if n not in dict(substitute.named_modules()) or n == ""]
+            if bad:
+                raise ModelSpecError(f"the substitute has no module named {', '.join(map(repr, bad))} "
+                                     f"(--substitute-taps); its modules: {_module_names(substitute)}")
+            if len(self.substitute_taps) != len(self.target_stages):
+                raise ModelSpecError(f"{len(self.substitute_taps)} substitute taps for {len(self.target_stages)} target "
+                                     f"stages ({', '.join(self.target_stages)}); name one per stage, in order, from "
+                                     f"the substitute's modules: {_module_names(substitute)}")
 
         self.substitute.requires_grad_(False)
         self.substitute.eval()
@@ -141,7 +151,7 @@ class ABNN(nn.Module):
         # Size the adaptive layers from one dry run (eval mode, no grad, modes restored).
         stage_shapes, tap_shapes = self._probe_shapes()
         if len(tap_shapes) != len(self.target_stages):
-            raise ValueError(
+            raise ModelSpecError(
                 f"{len(self.target_stages)} target stages but the substitute gives {len(tap_shapes)} taps; "
                 "they are paired in order and must be as many"
             )
@@ -203,7 +213,7 @@ class ABNN(nn.Module):
         the substitute's features of ``substitute_input`` (the path swap of
         :func:`abnn.evaluation.attribution.path_swap`).  Inside :meth:`gradient_protocol` the
         active protocol's detaching applies."""
-        self._check_shape(x)
+        self.check_tensor(x)
         if self.check_input and not torch.compiler.is_compiling():
             self.check_pixels(x)
         xs = x
@@ -234,12 +244,6 @@ class ABNN(nn.Module):
             return self.target(x)
         finally:
             self._pending = None
-
-    def _check_shape(self, x: Tensor) -> None:
-        if x.dim() != len(self.input_shape) + 1 or x.shape[1] != self.input_shape[0]:
-            raise ValueError(
-                f"ABNN expects input of shape (B, {', '.join(map(str, self.input_shape))}) in [0, 1]; got {tuple(x.shape)}"
-            )
 
     # -- weaker threat models -----------------------------------------------------------------------
     def type_a_shortcuts(self) -> list[ZeroPadShortcut]:
@@ -283,6 +287,25 @@ class ABNN(nn.Module):
                 m.detach_input = d
             for m, (t, r) in zip(bns, saved[2]):
                 m.training, m.track_running_stats = t, r
+
+    def check_tensor(self, x: Tensor) -> None:
+        """Refuse, as an :class:`~abnn.errors.InputRangeError`, what the layers would fail on with a
+        raw torch error: not a float32/16/bf16 tensor, or another shape than ``(B, *input_shape)``
+        (the flatten encoder is sized for it; clips may have another number of frames with the
+        pooled encoder)."""
+        want = f"(B, {', '.join(map(str, self.input_shape))})"
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise InputRangeError(f"ABNN input must be a float tensor of pixels in [0, 1] of shape {want}; got "
+                                  f"{type(x).__name__} {getattr(x, 'dtype', '')} (uint8 images: x.float() / 255)")
+        weights = next(self.target.parameters(), None)
+        if x.dtype == torch.float64 and weights is not None and weights.dtype != torch.float64:
+            raise InputRangeError(f"ABNN input is float64 and the model's weights are {weights.dtype}: pass x.float()")
+        shape = tuple(x.shape[1:])
+        free_frames = len(self.input_shape) == 4 and self.encoder == "pooled"
+        same = shape == self.input_shape or (free_frames and len(shape) == 4
+                                             and (shape[0], *shape[2:]) == (self.input_shape[0], *self.input_shape[2:]))
+        if not same:
+            raise InputRangeError(f"ABNN expects input of shape {want} in [0, 1]; got {tuple(x.shape)}")
 
     @staticmethod
     def check_pixels(x: Tensor) -> None:
@@ -385,6 +408,12 @@ class ProtocolView(nn.Module):
 
     def extra_repr(self) -> str:
         return f"protocol={self.name!r}"
+
+
+def _module_names(module: nn.Module, limit: int = 40) -> str:
+    """Its module names down to one dot (``layer1``, ``layer1.0``), for a one-line message."""
+    names = [n for n, _ in module.named_modules() if n and n.count(".") <= 1]
+    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -125,7 +125,29 @@ def _write_figures(out: Path, records: list[dict], title: str, examples_path: Pa
     figure_accuracy(records, out / "accuracy.png", title)
     figure_cost(records, out / "training_cost.png", title)
     if examples_path is not None and Path(examples_path).is_file():
-        examples_fn(torch.load(examples_path, map_location="cpu", weights_only=True), out / "examples.png")
+        examples_fn(load_examples(examples_path), out / "examples.png")
+
+
+#: what ``examples.pt`` holds (``abnn.reproduce.table1._examples``): tensors of one batch
+EXAMPLE_TENSORS = ("x", "y", "x_pgd", "x_roa", "pred_clean", "pred_pgd", "pred_roa")
+
+
+def load_examples(path: str | os.PathLike) -> dict:
+    """``examples.pt`` read safely (:func:`abnn.models.io.safe_torch_load`: no pickled code) and
+    checked: the example tensors of one batch, else one :class:`~abnn.errors.CheckpointError` line."""
+    from .errors import CheckpointError
+    from .models.io import safe_torch_load
+
+    ex = safe_torch_load(path)
+    ok = isinstance(ex, dict) and all(isinstance(ex.get(k), torch.Tensor) for k in EXAMPLE_TENSORS)
+    if ok:
+        x, n = ex["x"], len(ex["x"])
+        ok = (n > 0 and x.dim() in (4, 5) and x.shape == ex["x_pgd"].shape == ex["x_roa"].shape
+              and all(ex[k].shape == (n,) for k in ("y", "pred_clean", "pred_pgd", "pred_roa")))
+    if not ok:
+        raise CheckpointError(f"{path} is not an examples file of `abnn reproduce` (it needs the tensors "
+                              f"{', '.join(EXAMPLE_TENSORS)} of one batch); delete it and rerun to remake it")
+    return ex
 
 
 def overrides_lines(preset: dict) -> list[str]:

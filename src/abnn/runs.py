@@ -151,6 +151,22 @@ def read_json(path: str | os.PathLike) -> dict:
         raise AbnnError(f"cannot read {path}: {exc}") from None
 
 
+def training_cut_short(run: str | os.PathLike) -> dict | None:
+    """``{"steps", "planned_steps", "max_steps"}`` when the run's training stopped before its
+    planned steps (``--max-steps``), as its ``train_results.json`` records; else ``None``."""
+    path = Path(run) / "train_results.json"
+    res = read_json(path) if path.is_file() else {}
+    if res.get("complete", True):
+        return None
+    return {k: res.get(k) for k in ("steps", "planned_steps", "max_steps")}
+
+
+def cut_short_note(run: str | os.PathLike, short: dict) -> str:
+    """One line that says an evaluated model's training was cut short."""
+    return (f"the training of {run} was cut short by --max-steps {short['max_steps']}: {short['steps']} of its "
+            f"{short['planned_steps']} planned steps; these numbers are of an unfinished model")
+
+
 # -- one run identity --------------------------------------------------------------------------
 
 def recorded_differences(run: str | os.PathLike, cfg: TrainConfig) -> list[SettingDifference]:

@@ -15,8 +15,8 @@ from .square import Square
 from .adaptive import StatisticsAttack, Transfer, TransferAttack
 from .protocols import ProtocolAttack
 from .registry import (BLACK_BOX, ENSEMBLE, PROTOCOL, REGISTRY, TRANSFER, WHITE_BOX, AttackEntry, AttackSpec, EpsRatio,
-                       attack_defaults, build_attack, default_eps, describe_attacks, parse_pixel_budget, parse_spec,
-                       register, resolve_options, unregister)
+                       attack_defaults, build_attack, default_eps, describe_attacks, parse_bool, parse_pixel_budget,
+                       parse_spec, register, resolve_options, unregister)
 
 __all__ = ["Attack", "AttackOptionError", "FirstFooled", "InvalidInputError", "UnsupportedModelError", "check_budget",
            "check_count", "MissingPackageError"]
@@ -24,5 +24,5 @@ __all__ += ["PGD", "ROA", "APGD", "APGDT", "Square", "AutoAttack", "OfficialAuto
 __all__ += ["StatisticsAttack", "Transfer", "TransferAttack", "ProtocolAttack"]
 __all__ += ["REGISTRY", "AttackEntry", "AttackSpec", "EpsRatio", "WHITE_BOX", "BLACK_BOX", "TRANSFER", "ENSEMBLE",
             "PROTOCOL",
-            "attack_defaults", "build_attack", "default_eps", "describe_attacks", "parse_pixel_budget", "parse_spec",
-            "register", "resolve_options", "unregister"]
+            "attack_defaults", "build_attack", "default_eps", "describe_attacks", "parse_bool", "parse_pixel_budget",
+            "parse_spec", "register", "resolve_options", "unregister"]

@@ -122,6 +122,11 @@ class Attack:
         try:
             with torch.enable_grad(), self.precision(x.device):
                 x_adv = self.perturb(x_in, y.detach())
+        except IndexError as exc:  # cross-entropy's "Target 12 is out of bounds": a label the model lacks
+            if "out of bounds" not in str(exc):
+                raise
+            raise InvalidInputError(f"y holds label {int(y.max())}, more than the model's classes: labels must be "
+                                    "0 .. num_classes - 1 of the model's outputs") from None
         finally:
             self.model.train(was_training)
         x_adv = x_adv.detach()
@@ -173,6 +178,8 @@ class Attack:
             raise InvalidInputError(f"x must have shape (B, C, ...) (images (B,C,H,W) or clips (B,C,T,H,W)), got {tuple(x.shape)}")
         if not isinstance(y, Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
             raise InvalidInputError(f"y must be integer labels of shape ({x.shape[0]},), got {getattr(y, 'dtype', type(y))} {tuple(getattr(y, 'shape', ()))}")
+        if y.numel() and int(y.min()) < 0:
+            raise InvalidInputError(f"y must be labels 0 .. num_classes - 1, got {int(y.min())}")
         if not torch.isfinite(x).all():
             raise InvalidInputError("x contains NaN or inf; attacks need finite pixels in [0, 1]")
         lo, hi = x.min().item(), x.max().item()

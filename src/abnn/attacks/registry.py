@@ -40,7 +40,7 @@ from .square import Square
 __all__ = ["AttackEntry", "AttackSpec", "EpsRatio", "REGISTRY", "BLACK_BOX", "ENSEMBLE", "PROTOCOL", "TRANSFER",
            "WHITE_BOX",
            "attack_defaults", "build_attack", "default_eps", "describe_attacks", "get_entry", "parse_pixel_budget",
-           "parse_spec", "register", "resolve_options", "unregister"]
+           "parse_bool", "parse_spec", "register", "resolve_options", "unregister"]
 
 WHITE_BOX, BLACK_BOX, TRANSFER, ENSEMBLE = "white-box", "black-box", "transfer", "ensemble"
 #: a white-box attack whose gradient skips part of the model (:mod:`abnn.attacks.protocols`)
@@ -169,6 +169,9 @@ def resolve_options(name: str, overrides: Mapping[str, Any] | None = None, *, vi
     if unknown:
         raise AttackOptionError(f"attack {name!r} has no option {', '.join(map(repr, unknown))}; its options: "
                                 f"{', '.join(sorted(known))}")
+    for k, v in given.items():  # a boolean option (one whose default is a bool) takes booleans only
+        if isinstance(base.get(k), bool) and not isinstance(v, bool):
+            given[k] = parse_bool(str(v), what=f"{name}: {k}")
     opts = {**base, **given}
     for k, v in opts.items():
         if isinstance(v, EpsRatio):
@@ -243,12 +246,27 @@ def parse_spec(spec: str | AttackSpec) -> AttackSpec:
     return AttackSpec(name, options)
 
 
+#: the spellings of a boolean in spec strings and ``--set`` (any case)
+BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
+def parse_bool(text: str, *, what: str) -> bool:
+    """``true/false``, ``1/0``, ``yes/no``, ``on/off`` (any case) -> bool; anything else is refused."""
+    try:
+        return BOOL_WORDS[str(text).strip().lower()]
+    except KeyError:
+        raise AttackOptionError(f"{what} must be a boolean (true/false, 1/0, yes/no, on/off), got {text!r}") from None
+
+
 def parse_value(key: str, text: str) -> Any:
+    """A spec-string value: budgets in k/255, then bools (true/false, yes/no, on/off), None,
+    integers, numbers, fractions, else the string.  ``1``/``0`` stay integers here;
+    :func:`resolve_options` reads them as booleans for a boolean option."""
     if key in PIXEL_BUDGETS:
         return parse_pixel_budget(text, what=key)
     low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
+    if low in BOOL_WORDS and not low.isdigit():
+        return BOOL_WORDS[low]
     if low == "none":
         return None
     for conv in (int, float):

@@ -105,7 +105,7 @@ def gradient_attribution(model: ABNN, x: Tensor, y: Tensor, *, per_stage: bool =
     model runs in eval mode (restored afterwards); no parameter ``.grad`` is touched."""
     if not isinstance(model, ABNN):
         raise UnsupportedModelError(f"gradient attribution needs an ABNN model, got {type(model).__name__}")
-    model._check_shape(x)
+    model.check_tensor(x)
     if model.check_input:
         model.check_pixels(x)
     was_training = model.training

@@ -64,6 +64,11 @@ def suite_markdown(res: SuiteResult) -> str:
              f"Generated {res.generated}; {ev.n_eval} samples of shape {tuple(res.input_shape)}, L-inf eps "
              f"{eps_255:g}/255 (of the pixel range [0, 1]), budget `{res.suite}`, batch size {ev.batch_size}, seed "
              f"{ev.seed}, device {ev.device} ({ev.threads} threads), {ev.seconds / 60:.1f} min.", ""]
+    short = ev.metadata.get("training_cut_short")
+    if short:
+        from ..runs import cut_short_note
+
+        lines += [f"**Note:** {cut_short_note(ev.metadata.get('run'), short)}.", ""]
     if res.is_abnn:
         lines += [f"ABNN with substitute statistics `{res.substitute_stats}`: white-box attacks differentiate "
                   "through target, substitute and statistics.", ""]

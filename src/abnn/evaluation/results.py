@@ -19,9 +19,12 @@ Schema, version 2 (``schema_version``; files without it are version 1, see below
       robust_acc      {label: robust accuracy} (the same numbers as attacks[label].robust_acc)
       attacks         {label: attack row}, in running order
       worst_case      {eps, eps_255, robust_acc, attacks: [labels], robust_mask}: per sample, robust
-                      under every L-inf attack at eps (sweep points at eps included)
+                      under every L-inf attack at eps (sweep points at eps included); with no
+                      L-inf attack at eps, robust_acc and robust_mask are null and note says why
       seed, batch_size, device, threads, seconds, resumed_attacks, and the run's metadata
-                      (run, method, dataset, arch, width) when evaluated from a run folder
+                      (run, method, dataset, arch, width) when evaluated from a run folder;
+                      training_cut_short {steps, planned_steps, max_steps} when its training
+                      stopped early (--max-steps)
 
     attack row
       attack          registry name (abnn evaluate --list-attacks)
@@ -113,16 +116,21 @@ class AttackResult:
 
 @dataclass
 class WorstCase:
-    """Per sample: robust under every L-inf attack at ``eps`` (listed in ``attacks``)."""
+    """Per sample: robust under every L-inf attack at ``eps`` (listed in ``attacks``).
+
+    With no L-inf attack at ``eps`` there is no worst case: ``robust_acc`` and ``robust_mask``
+    are ``None`` (never the clean accuracy) and ``note`` says why."""
 
     eps: float | None
-    robust_acc: float
+    robust_acc: float | None
     attacks: list[str]
     robust_mask: Tensor | None = None
+    note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"eps": self.eps, "eps_255": None if self.eps is None else self.eps * 255, "robust_acc": self.robust_acc,
-                "attacks": self.attacks, "robust_mask": mask_to_str(self.robust_mask)}
+        out = {"eps": self.eps, "eps_255": None if self.eps is None else self.eps * 255,
+               "robust_acc": self.robust_acc, "attacks": self.attacks, "robust_mask": mask_to_str(self.robust_mask)}
+        return {**out, "note": self.note} if self.note else out
 
 
 @dataclass
@@ -151,6 +159,12 @@ class EvalResult:
         if self.clean_mask is None or any(r.robust_mask is None for r in rows):
             raise ValueError("this result has no per-sample masks (a version-1 file); its stored worst case is "
                              "SuiteResult.worst")
+        if not rows:
+            ran = sorted({f"{r.eps * 255:g}/255" for r in self.attacks.values() if r.norm == "linf" and r.eps is not None})
+            return WorstCase(eps, None, [], None, note=(
+                f"no L-inf attack ran at the evaluated eps {eps * 255:g}/255"
+                + (f" (they ran at {', '.join(ran)})" if ran else "") + ", so there is no worst case; give the "
+                "attacks that eps (or --eps the attacks' eps)"))
         mask = self.clean_mask.clone()
         for r in rows:
             mask &= r.robust_mask
@@ -183,7 +197,8 @@ class EvalResult:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EvalResult":
         rows = {k: AttackResult.from_dict(k, r, eps=d.get("eps"), seed=d.get("seed")) for k, r in d["attacks"].items()}
-        meta = {k: d[k] for k in ("run", "method", "dataset", "arch", "width", "sources") if k in d}
+        meta = {k: d[k] for k in ("run", "method", "dataset", "arch", "width", "sources", "training_cut_short")
+                if k in d}
         return cls(n_eval=d["n_eval"], clean_acc=d["clean_acc"], clean_mask=mask_from_str(d.get("clean_mask")),
                    eps=d.get("eps"), attacks=rows, seed=d.get("seed", 0), batch_size=d.get("batch_size", 0),
                    device=d.get("device", "?"), threads=d.get("threads", 0), seconds=d.get("seconds", 0.0),

@@ -185,9 +185,10 @@ def _source(name: Any, sources: Mapping[str, nn.Module]) -> nn.Module:
 class _Progress:
     """The finished attacks of an interrupted call (see the module docstring)."""
 
-    def __init__(self, folder: str | os.PathLike | None, fingerprint: dict) -> None:
+    def __init__(self, folder: str | os.PathLike | None, fingerprint: dict, *, refuse_changed: bool = False) -> None:
         self.path = Path(folder) / PROGRESS_FILE if folder is not None else None
         self.fingerprint = fingerprint
+        self.refuse_changed = refuse_changed
         self.done: dict[str, dict[str, Any]] = {}
         self.x_worst: Tensor | None = None
         self.seconds = 0.0
@@ -201,10 +202,25 @@ class _Progress:
             warnings.warn(f"{exc}; the evaluation starts afresh", stacklevel=4)
             return
         if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
+            if self.refuse_changed and isinstance(state, dict) and isinstance(state.get("fingerprint"), dict):
+                self._refuse(state)
             warnings.warn(f"{self.path} was written for other settings, weights or data; the evaluation starts "
                           "afresh (the file is replaced)", stacklevel=4)
             return
         self.done, self.x_worst, self.seconds = state["done"], state["x_worst"], float(state["seconds"])
+
+    #: what each part of the fingerprint is, for the user
+    _PARTS = {"n": "number of samples (--n-eval)", "batch_size": "--batch-size", "model": "model weights",
+              "data": "test data", "sources": "transfer sources (--source)", "run": "run settings (config.json)",
+              "format": "file format"}
+
+    def _refuse(self, state: dict) -> None:
+        old = state["fingerprint"]
+        changed = [self._PARTS.get(k, k) for k in self.fingerprint if old.get(k) != self.fingerprint[k]]
+        was = f" ({old['n']} then, {self.fingerprint['n']} now)" if old.get("n") != self.fingerprint["n"] else ""
+        raise AbnnError(f"{self.path} holds {len(state.get('done', {}))} finished attacks of this evaluation with "
+                        f"another {', '.join(changed)}{was}; rerun with the earlier settings to continue it, or add "
+                        "--fresh to start over")
 
     def reusable(self, plan: list[_Planned], keep_worst: bool) -> set[str]:
         """Labels whose finished run matches the plan; all or nothing for the worst-case inputs."""
@@ -230,7 +246,8 @@ def run_attacks(model: nn.Module, data: Any, specs: Sequence[str | AttackSpec], 
                 n_eval: int | None = None, batch_size: int = 250, device: torch.device | str = "cpu", seed: int = 0,
                 sources: Mapping[str, nn.Module] | None = None, progress: bool = True,
                 progress_dir: str | os.PathLike | None = None, keep_progress: bool = False,
-                keep_worst_inputs: bool = False, identity: Mapping[str, Any] | None = None) -> EvalResult:
+                keep_worst_inputs: bool = False, identity: Mapping[str, Any] | None = None,
+                refuse_changed: bool = False) -> EvalResult:
     """Clean accuracy and every attack of ``specs`` over ``data``, per sample.
 
     Args:
@@ -254,6 +271,8 @@ def run_attacks(model: nn.Module, data: Any, specs: Sequence[str | AttackSpec], 
             broke it (``EvalResult.x_worst``, on the CPU; the clean input where none did).
         identity: the run-defining settings of the evaluated run (:func:`abnn.config.run_identity`):
             a resume also checks them, beside the weights.
+        refuse_changed: a progress file of other settings, weights or data is an error that says
+            what changed (the CLI: rerun as before, or ``--fresh``); default: a warning, and it is replaced.
 
     Returns:
         an :class:`~abnn.evaluation.results.EvalResult`.
@@ -269,11 +288,12 @@ def run_attacks(model: nn.Module, data: Any, specs: Sequence[str | AttackSpec], 
     for src in sources.values():
         src.to(device).eval()
     try:
+        _check_sources(model, sources, x[:1], device)
         plan = _plan(model, specs, eps=eps, seed=seed, video=video, sources=sources)
         fingerprint = {"format": _FORMAT, "n": len(x), "batch_size": batch_size, "model": digest(model),
                        "data": digest(x, y), "sources": {k: digest(v) for k, v in sorted(sources.items())},
                        "run": dict(identity or {})}
-        state = _Progress(progress_dir, fingerprint)
+        state = _Progress(progress_dir, fingerprint, refuse_changed=refuse_changed)
         reuse = state.reusable(plan, keep_worst_inputs)
         clean = predict(model, x, batch_size, device) == y
         x_worst = None
@@ -306,6 +326,22 @@ def run_attacks(model: nn.Module, data: Any, specs: Sequence[str | AttackSpec], 
     if not keep_progress:
         state.finish()
     return result
+
+
+def _check_sources(model: nn.Module, sources: Mapping[str, nn.Module], x: Tensor, device: torch.device) -> None:
+    """Refuse a transfer source whose outputs are other classes than the model's (one forward
+    pass each on one sample): its adversarial examples would be aimed at labels of another task."""
+    if not sources:
+        return
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        xb = to_float(x, device)
+        want = model(xb).shape[1]
+        for name, src in sources.items():
+            got = src(xb).shape[1]
+            if got != want:
+                raise AbnnError(f"transfer source {name!r} outputs {got} classes and the evaluated model {want}: a "
+                                "source must be trained on the same classes (e.g. a CIFAR-10 run for a CIFAR-10 "
+                                "target, not a tinyimagenet32 substitute)")
 
 
 def _attack_dataset(model: nn.Module, p: _Planned, x: Tensor, y: Tensor, clean: Tensor, bs: int,
@@ -343,10 +379,11 @@ def evaluate_run(run_dir: str | os.PathLike, *, attacks: Sequence[str | AttackSp
     """:func:`run_attacks` on a finished run (loaded with :func:`abnn.runs.load_run`) and the first
     ``n_eval`` test samples of its dataset; writes the :class:`EvalResult` as JSON to ``out``
     (default ``run_dir/eval.json``).  ``sources`` values may be modules or run folders.  Resumable
-    through ``attack-progress.pt`` beside ``out`` (``resume=False`` discards it first)."""
+    through ``attack-progress.pt`` beside ``out`` (``resume=False`` discards it first); one of
+    other settings, weights or data is refused."""
     from ..config import run_identity, write_json_atomic
     from ..data import load_dataset
-    from ..runs import load_run
+    from ..runs import load_run, training_cut_short
 
     out = Path(out) if out is not None else Path(run_dir) / "eval.json"
     model, cfg = load_run(run_dir, device=device)
@@ -356,8 +393,12 @@ def evaluate_run(run_dir: str | os.PathLike, *, attacks: Sequence[str | AttackSp
     if not resume:
         (out.parent / PROGRESS_FILE).unlink(missing_ok=True)
     res = run_attacks(model, data, attacks, eps=eps, n_eval=n_eval, batch_size=batch_size, device=device, seed=seed,
-                      sources=srcs, progress=progress, progress_dir=out.parent, identity=run_identity(cfg))
+                      sources=srcs, progress=progress, progress_dir=out.parent, identity=run_identity(cfg),
+                      refuse_changed=True)
     res.metadata.update({"run": str(run_dir), "method": cfg.method, "dataset": cfg.dataset, "arch": cfg.arch,
                          "width": cfg.width, **({"sources": {k: str(v) for k, v in sources.items()}} if sources else {})})
+    short = training_cut_short(run_dir)
+    if short is not None:
+        res.metadata["training_cut_short"] = short
     write_json_atomic(out, res.to_dict())
     return res

@@ -34,7 +34,7 @@ from ..config import run_identity
 from ..errors import AbnnError
 from ..files import ensure_writable
 from ..framework import ABNN
-from ..runs import load_run
+from ..runs import load_run, training_cut_short
 from . import checks
 from .report import write_suite_report
 from .results import Curve, EvalResult, SuiteResult
@@ -146,7 +146,7 @@ def run_suite(model: nn.Module, data: Any, *, eps: float | None = None, n_eval: 
               budget: str | Mapping[str, Any] | None = None, source_models: Mapping[str, nn.Module] | None = None,
               extra_attacks: Sequence[str | AttackSpec] = (), progress: bool = True,
               progress_dir: str | os.PathLike | None = None, metadata: Mapping[str, Any] | None = None,
-              identity: Mapping[str, Any] | None = None) -> SuiteResult:
+              identity: Mapping[str, Any] | None = None, refuse_changed: bool = False) -> SuiteResult:
     """Run the robustness checklist on ``model`` and return (and write) its :class:`SuiteResult`.
 
     Args:
@@ -173,6 +173,7 @@ def run_suite(model: nn.Module, data: Any, *, eps: float | None = None, n_eval: 
         progress_dir: resumable runner state (see :func:`abnn.evaluation.run_attacks`).
         metadata: extra fields for the results and the report (e.g. the run folder).
         identity: the evaluated run's defining settings, checked on resume (see ``run_attacks``).
+        refuse_changed: refuse a progress file of other settings (see ``run_attacks``).
     """
     budget_name, cfg = resolve_budget(budget, quick)
     device = torch.device(device)
@@ -189,7 +190,7 @@ def run_suite(model: nn.Module, data: Any, *, eps: float | None = None, n_eval: 
         specs += [parse_spec(s) for s in extra_attacks]
         ev = run_attacks(model, (x, y), specs, eps=eps, batch_size=batch_size, device=device, seed=seed,
                          sources=sources, progress=progress, progress_dir=progress_dir, keep_progress=True,
-                         keep_worst_inputs=True, identity=identity)
+                         keep_worst_inputs=True, identity=identity, refuse_changed=refuse_changed)
         t0 = time.perf_counter()
         aa = autoattack_row(cfg, eps, num_classes)
         ev.add_derived("autoattack", list(_AA_ORDER), f"{aa!r} = per-sample worst case of its components", kind=ENSEMBLE)
@@ -255,7 +256,8 @@ def run_suite_on_run(run_dir: str | os.PathLike, *, n_eval: int = 1000, batch_si
     ``out_dir``).  ``source_models`` values may be modules or run folders (loaded the same way).
     With ``resume`` (default), finished attacks are kept in ``<out>/attack-progress.pt`` as the
     suite goes, and an interrupted suite continues from there when run again with the same
-    settings; ``resume=False`` discards that file first."""
+    settings (other settings are refused: rerun as before or ``resume=False``); ``resume=False``
+    discards that file first."""
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "suite"
     model, cfg = load_run(run_dir, device=device)
     ensure_writable(out)
@@ -268,6 +270,9 @@ def run_suite_on_run(run_dir: str | os.PathLike, *, n_eval: int = 1000, batch_si
     meta = {"run": str(run_dir), "method": cfg.method, "dataset": cfg.dataset, "arch": cfg.arch, "width": cfg.width,
             "sources": {k: (type(v).__name__ if isinstance(v, nn.Module) else str(v))
                         for k, v in (source_models or {}).items()}}
+    short = training_cut_short(run_dir)
+    if short is not None:
+        meta["training_cut_short"] = short
     return run_suite(model, data, eps=eps, batch_size=batch_size, device=device, seed=seed, out_dir=out, quick=quick,
                      budget=budget, source_models=sources, extra_attacks=extra_attacks, progress=progress,
-                     progress_dir=out, metadata=meta, identity=run_identity(cfg))
+                     progress_dir=out, metadata=meta, identity=run_identity(cfg), refuse_changed=True)

@@ -28,6 +28,9 @@ def safe_torch_load(path: str | os.PathLike, *, weights_only: bool = True, mmap:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if not _looks_like_torch_file(path):
+        raise CheckpointError(f"{path} is not a checkpoint: neither torch.save's zip format nor its legacy format "
+                              "(a wrong or damaged file?)")
     try:
         if mmap:
             try:
@@ -38,12 +41,27 @@ def safe_torch_load(path: str | os.PathLike, *, weights_only: bool = True, mmap:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear message
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
+        if "global" in str(exc).lower() and ("Weights only load failed" in str(exc) or "Unsupported" in str(exc)):
             raise CheckpointError(
                 f"refusing to load {path}: it contains pickled objects other than tensors "
                 "(possible code execution); only weights-only checkpoints are accepted"
             ) from None
+        if "Weights only load failed" in str(exc):  # torch's message then is about trust, not the bytes
+            msg = "its contents are not what torch.save writes"
         raise CheckpointError(f"cannot read checkpoint {path}: {msg} (truncated or corrupt file?)") from None
+
+
+#: the first bytes of what torch.save writes: a zip archive, or a pickle (legacy format, protocol 2+)
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return True  # let torch.load report it
+    return any(head.startswith(m) for m in _TORCH_MAGIC)
 
 
 def extract_state_dict(obj: Any, path: str | os.PathLike = "<checkpoint>") -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ Every method of a preset gets the same data, epochs, schedule and target archite
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..config import TrainConfig
 from ..errors import AbnnError
@@ -69,8 +69,22 @@ class Table1Preset:
     channels_last: bool = False                   # training memory format (execution only: same arithmetic)
     data_on_device: bool = False                  # training data resident on the device (execution only)
     needs_cuda: bool = False                      # refuse to run without a CUDA device (--set needs_cuda=false: dry run)
-    extra: dict = field(default_factory=dict)
     overrides: tuple[str, ...] = ()               # the --set KEY=VALUE that made this preset from the named one
+
+    def validate(self) -> "Table1Preset":
+        """Refuse, in one line naming the ``--set`` key, any value the pipeline cannot run, before
+        any stage starts: the training settings through :meth:`TrainConfig.validate`, the
+        evaluation settings here.  Its pipeline trains and evaluates CIFAR-10 only."""
+        if self.dataset != "cifar10":
+            raise AbnnError(f"--set dataset={self.dataset}: the Table 1 pipeline trains and evaluates CIFAR-10 only "
+                            "(its stages are CIFAR-10 runs); leave dataset at cifar10")
+        _check_methods(self.methods, ("standard", "pgd-at", "abnn", "fast-at"))
+        _check_counts(self, ("n_eval", "eval_batch_size", "roa_stride", "n_examples"))
+        if self.substitute_source == "pretrain":
+            self.substitute_config().validate()
+        for method in self.methods:
+            self.method_config(method, "random").validate()
+        return self
 
     def substitute_config(self) -> TrainConfig:
         return TrainConfig(method="standard", dataset="tinyimagenet32", arch="vgg19_bn", width=self.substitute_width,
@@ -182,6 +196,14 @@ class VideoPreset:
     frames: int | None = None                     # frames per clip (None: the dataset's own, 40 for UCF-101)
     overrides: tuple[str, ...] = ()               # the --set KEY=VALUE that made this preset from the named one
 
+    def validate(self) -> "VideoPreset":
+        """Refuse, in one line naming the ``--set`` key, any value the pipeline cannot run."""
+        _check_methods(self.methods, ("standard", "oudefend", "abnn"))
+        _check_counts(self, ("n_eval", "eval_batch_size", "n_examples"))
+        for method in self.methods:
+            self.method_config(method).validate()
+        return self
+
     def method_config(self, method: str) -> TrainConfig:
         return TrainConfig(method=method, dataset=self.dataset, arch=self.arch, width=self.width, epochs=self.epochs,
                            frames=self.frames,
@@ -216,17 +238,37 @@ VIDEO_PRESETS: dict[str, VideoPreset] = {
 }
 
 
+#: preset fields that are pixel budgets: ``--set eps=1`` and ``eps=1/255`` both mean 1/255
+PIXEL_FIELDS = ("eps",)
+
+
+def _check_methods(methods: tuple[str, ...], known: tuple[str, ...]) -> None:
+    bad = [m for m in methods if m not in known]
+    if not methods or bad:
+        raise AbnnError(f"--set methods={','.join(methods)}: give one or more of {', '.join(known)}, comma-separated")
+
+
+def _check_counts(preset, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(preset, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise AbnnError(f"--set {name}={value}: expected an integer >= 1")
+
+
 def _parse(key: str, text: str, annotation: str):
     """A --set value as the preset field's type (types are strings: ``from __future__ import
-    annotations``).  Floats accept fractions such as ``8/255``; ``none`` clears an optional field."""
+    annotations``).  Pixel budgets as everywhere (:func:`abnn.attacks.parse_pixel_budget`);
+    other floats accept fractions such as ``1/3``; ``none`` clears an optional field."""
+    from ..attacks import parse_bool, parse_pixel_budget
+
     if "None" in annotation and text.lower() == "none":
         return None
     kind = annotation.split("|")[0].strip()
+    if key in PIXEL_FIELDS:
+        return parse_pixel_budget(text, what=f"--set {key}")
+    if kind == "bool":
+        return parse_bool(text, what=f"--set {key}")
     try:
-        if kind == "bool":
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(text)
-            return text.lower() in ("true", "1")
         if kind == "int":
             return int(text)
         if kind == "float":
@@ -236,17 +278,22 @@ def _parse(key: str, text: str, annotation: str):
             return tuple(v.strip() for v in text.split(",") if v.strip())
         if kind == "str":
             return text
-    except ValueError:
+    except (ValueError, ZeroDivisionError):
         raise AbnnError(f"--set {key}={text}: expected {annotation}") from None
     raise AbnnError(f"--set {key}: this field ({annotation}) cannot be set from the command line")
 
 
+def settable_keys(preset) -> list[str]:
+    """The fields ``--set KEY=VALUE`` can change."""
+    return [f.name for f in dataclasses.fields(preset) if f.name not in ("name", "description", "overrides")]
+
+
 def apply_overrides(preset, pairs: list[str] | tuple[str, ...]):
     """The preset with ``--set KEY=VALUE`` overrides applied and recorded in its ``overrides``
-    field (and so in preset.json, results.json and the report)."""
+    field (and so in preset.json, results.json and the report), validated before anything runs."""
     if not pairs:
-        return preset
-    fields = {f.name: f for f in dataclasses.fields(preset) if f.name not in ("name", "description", "overrides")}
+        return preset.validate()
+    fields = {f.name: f for f in dataclasses.fields(preset) if f.name in settable_keys(preset)}
     changes = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
@@ -254,10 +301,7 @@ def apply_overrides(preset, pairs: list[str] | tuple[str, ...]):
         if not sep or key not in fields:
             raise AbnnError(f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
         changes[key] = _parse(key, text.strip(), str(fields[key].type))
-    new = dataclasses.replace(preset, **changes, overrides=tuple(preset.overrides) + tuple(pairs))
-    for method in new.methods:  # a bad value fails here, in one line, before anything runs
-        (new.method_config(method, "random") if isinstance(new, Table1Preset) else new.method_config(method)).validate()
-    return new
+    return dataclasses.replace(preset, **changes, overrides=tuple(preset.overrides) + tuple(pairs)).validate()
 
 
 def get_video_preset(name: str) -> VideoPreset:

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..attacks import AttackSpec, build_attack
 from ..config import TrainConfig, write_json_atomic
 from ..data import load_dataset
+from ..errors import CheckpointError
 from ..evaluation import run_attacks
 from ..files import ensure_writable
 from ..runs import DOWNLOADABLE, check_same_run, load_run, read_json, run_lock
@@ -97,13 +98,29 @@ def _stage_eval(run: Path, preset, data_root: str | None, device: str, *, force:
         return res
 
 
-def _examples(out: Path, preset, data_root: str | None, device: str) -> Path:
-    """Clean inputs with their PGD and ROA adversarial examples on the ABNN model (Figure 3)."""
+def _examples(out: Path, preset, data_root: str | None, device: str, *, force: bool = False) -> Path:
+    """Clean inputs with their PGD and ROA adversarial examples on the ABNN model (Figure 3).
+
+    ``examples.pt`` records the digest of the model's weights and the settings it was made with;
+    it is reused only when both are unchanged (never under ``force``), so the figure always shows
+    the model of the report."""
+    from ..evaluation.runner import digest
+    from ..models.io import safe_torch_load
+
     path = out / "examples.pt"
-    if path.is_file():
-        return path
     method = "abnn" if "abnn" in preset.methods else preset.methods[0]
     model, _ = load_run(out / method, device=device)
+    made_with = {"model_digest": digest(model), "n_examples": preset.n_examples, "seed": preset.seed,
+                 "attack_options": preset.attack_options()}
+    if path.is_file() and not force:
+        try:
+            old = safe_torch_load(path)
+        except CheckpointError as exc:
+            old = None
+            _log(f"{exc}; remade")
+        if isinstance(old, dict) and old.get("made_with") == made_with:
+            return path
+        _log("examples.pt was made from other weights or settings; remade")
     data = _test_data(preset, data_root, preset.n_examples)
     x, y = data.float_batch(slice(None)) if hasattr(data, "float_batch") else next(iter(data.batches(preset.n_examples)))
     x, y = x.to(device), y.to(device)
@@ -116,7 +133,7 @@ def _examples(out: Path, preset, data_root: str | None, device: str) -> Path:
     names = getattr(data, "class_names", ()) or getattr(data, "classes", ())
     save_atomic({"method": method, "x": x.cpu(), "y": y.cpu(), "x_pgd": x_pgd.cpu(), "x_roa": x_roa.cpu(),
                  "pred_clean": preds["clean"], "pred_pgd": preds["pgd"], "pred_roa": preds["roa"],
-                 "class_names": list(names)}, path)
+                 "class_names": list(names), "made_with": made_with}, path)
     return path
 
 
@@ -162,6 +179,7 @@ def run_table1(preset: Table1Preset, out: str | Path, *, data_root: str | None =
     preset.check_device(device)
     out = Path(out)
     ensure_writable(out)
+    _note_clamped(preset, data_root)
     t_start = time.perf_counter()
     write_json_atomic(out / "preset.json", preset.to_dict())
 
@@ -224,7 +242,7 @@ def run_table1(preset: Table1Preset, out: str | Path, *, data_root: str | None =
             rec["substitute"].update({k: v for k, v in substitute_info.items() if k != "source"})
         records.append(rec)
 
-    examples = _examples(out, preset, data_root, device)
+    examples = _examples(out, preset, data_root, device, force=force)
     results = {"preset": preset.to_dict(), "records": records, "substitute": substitute_info,
                "command": command, "pipeline_seconds_this_call": time.perf_counter() - t_start,
                "workers": workers, "threads_per_stage": per_stage_threads}
@@ -232,6 +250,15 @@ def run_table1(preset: Table1Preset, out: str | Path, *, data_root: str | None =
     write_table1_report(out, results, examples)
     _log(f"report written to {out / 'report.md'}")
     return results
+
+
+def _note_clamped(preset, data_root: str | None) -> None:
+    """Say so when ``n_eval`` or ``n_examples`` asks for more samples than the test split has."""
+    n_test = len(_test_data(preset, data_root, None))
+    for name in ("n_eval", "n_examples"):
+        if getattr(preset, name) > n_test:
+            _log(f"note: {name} {getattr(preset, name)} is more than the {n_test} test samples of {preset.dataset}; "
+                 f"all {n_test} are used")
 
 
 def _weight(cfg: TrainConfig) -> float:

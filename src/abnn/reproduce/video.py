@@ -33,7 +33,7 @@ def run_video_tables(preset: VideoPreset, out: str | Path, *, data_root: str | N
         tr = _stage_train(out / method, cfg, force=force, progress=progress)
         ev = _stage_eval(out / method, preset, data_root, device, force=force, progress=progress)
         records.append(_record(method, cfg, tr, ev, PAPER_VIDEO[method]))
-    examples = _examples(out, preset, data_root, device)
+    examples = _examples(out, preset, data_root, device, force=force)
     results = {"preset": preset.to_dict(), "records": records, "command": command,
                "pipeline_seconds_this_call": time.perf_counter() - t_start}
     write_json_atomic(out / "results.json", results)

@@ -26,6 +26,8 @@ import contextlib
 import json
 import math
 import platform
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -77,6 +79,9 @@ def resolve_amp(spec: str, device: torch.device) -> torch.dtype | None:
             raise AbnnError("--amp bf16: this GPU does not support bfloat16; use --amp fp16 or auto")
         return torch.bfloat16
     if spec == "fp16":
+        if device.type != "cuda":  # CPU float16 kernels are slow: about 45x the float32 step time
+            raise AbnnError(f"--amp fp16 on {device.type} runs many times slower than float32 (no fast float16 "
+                            "kernels there); use --amp bf16 or --amp off")
         return torch.float16
     raise AbnnError(f"--amp must be auto, off, bf16 or fp16, got {spec!r}")
 
@@ -311,6 +316,7 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
            progress: bool | str, max_steps: int | None) -> dict:
     ckpt_path = run / "checkpoint.pt"
     _check_run_folder(run, cfg, resume)
+    amp_dtype = resolve_amp(cfg.amp, device)  # before any data is read: a refused --amp fails at once
     if cfg.batch_size % ctx.world_size:
         raise AbnnError(f"batch size {cfg.batch_size} (the global batch) is not divisible by the {ctx.world_size} "
                         "processes; choose a multiple of the process count")
@@ -351,7 +357,6 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
     budget, n_epochs = step_budget(cfg, steps_per_epoch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=budget)
     counter = attach_networks(PassCounter(), model)
-    amp_dtype = resolve_amp(cfg.amp, device)
 
     start_epoch, skip, train_seconds, train_cpu, partial, ck = 0, 0, 0.0, 0.0, None, None
     if resume and ckpt_path.is_file():
@@ -459,7 +464,13 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
         bar = tqdm(batches, desc=f"{cfg.method} epoch {epoch + 1}/{n_epochs}", disable=progress is not True,
                    leave=False, dynamic_ncols=True, total=epoch_len, initial=done_in_epoch)
         t0, c0, paused, stop = time.perf_counter(), time.process_time(), 0.0, False
-        for x, y in bar:
+        for x, y in _until_interrupt(bar, enabled=not ctx.enabled):
+            if x is None:  # Ctrl-C: checkpoint at this step boundary, then stop as interrupted
+                save_checkpoint(epoch, False, done_in_epoch, (loss_sum, correct, seen, epoch_seconds + (
+                    time.perf_counter() - t0 - paused)))
+                tqdm.write(f"interrupted: {ckpt_path} holds step {step} (epoch {epoch + 1}, batch {done_in_epoch}); "
+                           "the same command with --resume continues from there")
+                raise KeyboardInterrupt
             loss, logits = step_fn(x, y)
             bad_step.masked_fill_((bad_step < 0) & ~torch.isfinite(loss), step + 1)
             loss_sum += loss * len(y)
@@ -530,6 +541,7 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
             "method": cfg.method, "dataset": cfg.dataset, "arch": cfg.arch, "width": cfg.width,
             "epochs": n_epochs, "train_size": len(train_data), "batch_size": cfg.batch_size, "seed": cfg.seed,
             "final_val_acc": last.get("val_acc"), "val_size": len(val_data) if val_data is not None else 0,
+            "steps": step, "planned_steps": total_steps, "max_steps": max_steps, "complete": step >= total_steps,
             "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(counter.steps, 1),
             "train_cpu_seconds": train_cpu, "total_steps": budget, "steps": step, "steps_per_epoch": steps_per_epoch,
             **validation_totals(run),
@@ -602,6 +614,35 @@ def validation_totals(run: Path) -> dict[str, float]:
     over the epochs of ``metrics.jsonl`` (a resume keeps the lines of the epochs it keeps)."""
     records = _metric_lines(run / "metrics.jsonl")
     return {total: sum(r.get(key) or 0.0 for r in records) for total, key in VALIDATION_CLOCKS.items()}
+
+
+def _until_interrupt(batches, *, enabled: bool):
+    """``batches``, with Ctrl-C (SIGINT) deferred to the next step boundary: there it yields
+    ``(None, None)`` once, so that the loop can write a checkpoint of a whole step before it
+    stops.  A second Ctrl-C interrupts at once.  Only in the main thread of a single process
+    (distributed ranks would see it at different steps; their checkpoints need every rank)."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield from batches
+        return
+    hit = []
+
+    def handler(signum, frame):
+        if hit:
+            raise KeyboardInterrupt
+        hit.append(signum)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        it = iter(batches)
+        while not hit:
+            item = next(it, None)
+            if item is None:
+                break
+            yield item
+        if hit:  # also after the epoch's last step: the checkpoint then holds the whole epoch
+            yield None, None
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _skip_batches(loader: BatchLoader, batches, n: int) -> None:
