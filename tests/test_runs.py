@@ -154,6 +154,24 @@ def test_second_writer_is_refused_while_the_first_runs_and_a_stale_lock_is_taken
     assert (run / "model.pt").is_file() and not (run / LOCK_NAME).exists()
 
 
+def test_a_waiting_writer_takes_the_lock_once_its_holder_ends(tmp_path):
+    """Study stages that share a run folder take turns (run_lock's wait) instead of failing."""
+    folder = tmp_path / "r"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER.replace("120", "1.5"), str(folder)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held", holder.stderr.read()
+        with pytest.raises(RunLockedError):
+            with run_lock(folder, wait=0.2):
+                pass
+        with run_lock(folder, wait=60):
+            assert json.loads((folder / LOCK_NAME).read_text())["pid"] == os.getpid()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_lock_is_released_on_errors_and_interrupts_and_reentrant(tmp_path):
     folder = tmp_path / "f"
     for exc in (AbnnError("boom"), KeyboardInterrupt()):

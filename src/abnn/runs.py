@@ -191,7 +191,7 @@ _HELD: dict[tuple[int, Path], int] = {}   # (pid, folder) this process holds -> 
 
 
 @contextlib.contextmanager
-def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
+def run_lock(folder: str | os.PathLike, *, wait: float = 0.0) -> Iterator[Path]:
     """Hold ``folder``'s lock (``abnn.lock``: PID, host, process start time, command) for the
     duration of the ``with`` block; create the folder and prove it writable first.
 
@@ -199,7 +199,10 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
     process is gone (no such PID on this host, or a PID reused by a newer process) is stale and
     taken over.  Released on exit, exceptions and ``KeyboardInterrupt`` included; a SIGKILL
     leaves a stale lock that the next writer takes over.  Re-entrant within one process.  A
-    lock from another host cannot be checked and counts as held."""
+    lock from another host cannot be checked and counts as held.
+
+    ``wait``: seconds to keep trying while another live process holds the lock (the analysis
+    stages of two studies that read the same run folder take turns); 0 refuses at once."""
     created = not Path(folder).exists()
     folder = ensure_writable(folder).resolve()
     key = (os.getpid(), folder)
@@ -212,7 +215,16 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
         return
     lock = folder / LOCK_NAME
     mine = _lock_record()
-    _acquire(lock, mine)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)  # a holder that created the folder removes it if empty
+            _acquire(lock, mine)
+            break
+        except RunLockedError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
     _HELD[key] = 1
     try:
         yield folder

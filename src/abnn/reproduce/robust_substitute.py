@@ -36,7 +36,7 @@ from ..training.loop import clean_val_size, software_versions
 from .frontier import common_clock, frontier_points, study_eval
 from .presets import Table1Preset
 from .schedule import Stage, plan_workers, run_stages
-from .stages import TrainPoint, eval_of, eval_stages, place, train_stages, with_progress
+from .stages import STUDY_LOCK_WAIT, TrainPoint, eval_of, eval_stages, place, train_stages, with_progress
 from .table1 import _log
 
 #: a row is attacked with the authors' AutoAttack when its worst case exceeds this
@@ -125,7 +125,7 @@ def job_autoattack(run: Path, worst_case: float, our_masks: dict, n: int, batch_
         import pyautoattack  # noqa: F401
     except ImportError:
         return {"skipped": "the authors' AutoAttack is not installed (pip install -e '.[autoattack]')"}
-    with run_lock(run):
+    with run_lock(run, wait=STUDY_LOCK_WAIT):
         model, cfg = load_run(run, device=device)
         data = load_dataset(cfg.dataset, "test", data_root or cfg.data_root).subset(n)
         res = run_attacks(model, data, ["autoattack-official"], batch_size=batch_size, device=device, seed=seed,

@@ -25,6 +25,8 @@ from .table1 import _finished_train, _job_train, _log, _weight
 
 #: file, in a run folder, of the study evaluation (PGD-5 + strong white-box worst case)
 EVAL_FILE = "eval_strong.json"
+#: seconds an evaluation stage waits for a run folder that another study's stage is writing
+STUDY_LOCK_WAIT = 6 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ def job_eval(run: Path, spec: StudyEval, data_root: str | None, device: str, for
     done = None if force else finished_eval(run, spec)
     if done is not None:
         return done
-    with run_lock(run):  # one writer per run folder
+    with run_lock(run, wait=STUDY_LOCK_WAIT):  # one writer per run folder
         model, cfg = load_run(run, device=device)
         data = load_dataset(cfg.dataset, "test", data_root or cfg.data_root, frames=cfg.frames).subset(spec.n_eval)
         _log(f"{run.name}: evaluating {', '.join(spec.attacks)} on {len(data)} test images")

@@ -37,7 +37,8 @@ from ..training.loop import software_versions
 from .frontier import study_eval
 from .presets import Table1Preset
 from .schedule import Stage, plan_workers, run_stages
-from .stages import StudyEval, TrainPoint, eval_of, eval_stages, place, train_stages, with_progress
+from .stages import (STUDY_LOCK_WAIT, StudyEval, TrainPoint, eval_of, eval_stages, place, train_stages,
+                     with_progress)
 from .table1 import _log
 
 #: the reference ResNet-20's taps, paired in order with the target's five stages (by resolution:
@@ -162,7 +163,7 @@ def job_analysis(run: Path, val_dataset: str, n_eval: int, batch_size: int, seed
     path = run / SHIFT_FILE
     if path.is_file() and not force and read_json(path).get("key") == key:
         return read_json(path)
-    with run_lock(run):  # one writer per run folder
+    with run_lock(run, wait=STUDY_LOCK_WAIT):  # one writer per run folder
         model, cfg = load_run(run, device=device)
         data = load_dataset(cfg.dataset, "test", data_root or cfg.data_root).subset(n_eval)
         attack = build_attack("pgd", model, seed=seed)
