@@ -113,6 +113,7 @@ def test_robust_substitute_and_forensics_smoke_end_to_end(tmp_path, root, capfd)
         t, s, am = r["target_cost"], r["substitute_cost"], r["amortised"]["total_N"]
         assert am["1"] == t["total_N"] + (s["total_N"] if s else 0) and am["20"] <= am["5"] <= am["1"]
         assert r["worst_case_acc"] <= r["robust_acc"]["pgd"] <= r["clean_acc"]
+        assert (r["attribution_median"] is not None) == (r["method"] == "abnn")  # the forensics' split per ABNN row
     assert "breaks the paper's premise on purpose" in (rs / "report.md").read_text()
     capfd.readouterr()
     # forensics reuses the frontier models the first study trained (its --studies-out layout)

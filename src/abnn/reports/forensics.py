@@ -46,7 +46,8 @@ def _cell(rec: dict, key: str, row: str) -> str:
     return _pct(rec[key][row]) if row in rec[key] else "n/a"
 
 
-def _attribution_lines(records: list[dict]) -> list[str]:
+def attribution_table(records: list[dict]) -> list[str]:
+    """Markdown rows: the median gradient shares and cosines of each record with an attribution."""
     lines = ["| model | share: target path | share: substitute | of which statistics | of which encoder | "
              "cosine(target, full) | cosine(substitute, full) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for rec in records:
@@ -54,6 +55,18 @@ def _attribution_lines(records: list[dict]) -> list[str]:
         lines.append(f"| {rec['label']} | {a['target']['share']:.3f} | {a['substitute']['share']:.3f} | "
                      f"{a['stats']['share']:.3f} | {a['encoder']['share']:.3f} | {a['target']['cosine']:.3f} | "
                      f"{a['substitute']['cosine']:.3f} |")
+    return lines
+
+
+def path_swap_table(records: list[dict]) -> list[str]:
+    """Markdown rows: how often the swapped forward predicts the target image's label, the
+    substitute image's label, or neither."""
+    lines = ["| model | label of the target's image | label of the substitute's image | neither | clean accuracy |",
+             "|---|---:|---:|---:|---:|"]
+    for r in records:
+        s = r["path_swap"]
+        lines.append(f"| {r['label']} | {_pct(s['target_label'])} | {_pct(s['substitute_label'])} | "
+                     f"{_pct(s['neither'])} | {_pct(s['clean_acc'])} |")
     return lines
 
 
@@ -85,14 +98,9 @@ def write_forensics_report(out: Path, summary: dict) -> None:
               "path (every substitute feature held constant) and the part through the substitute, the latter into "
               "its statistics (mu_s, sigma_s) and its AdaIN encoder (gamma_s, beta_s). share = <part, full> / "
               "||full||^2 (the shares of a split sum to 1 per image).", ""]
-    lines += _attribution_lines(recs)
+    lines += attribution_table(recs)
     lines += ["", "## Which path decides (path swap)", "",
               "The target path runs on image i and the substitute on an image j of another class (a seeded "
               "partner); how often does ABNN predict i's label, j's label, or neither?", "",
-              "| model | label of the target's image | label of the substitute's image | neither | clean accuracy |",
-              "|---|---:|---:|---:|---:|"]
-    for r in recs:
-        s = r["path_swap"]
-        lines.append(f"| {r['label']} | {_pct(s['target_label'])} | {_pct(s['substitute_label'])} | "
-                     f"{_pct(s['neither'])} | {_pct(s['clean_acc'])} |")
+              *path_swap_table(recs)]
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..report_studies import _header, _pct
+from .forensics import attribution_table, path_swap_table
 
 _CLOCK_NAMES = {"train_cpu_seconds": "CPU s", "train_seconds": "wall s"}
 
@@ -86,6 +87,12 @@ def write_robust_substitute_report(out: Path, summary: dict) -> None:
               f"AutoAttack: the authors' code (standard version) on rows whose worst case exceeds "
               f"{100 * summary['autoattack_above']:g}%; the per-sample robust indices of both are in "
               "`RUN/autoattack_official.json`.", ""]
+    abnn = [r for r in recs if r.get("attribution_median")]
+    if abnn:
+        lines += ["Where the input gradient of the ABNN rows goes (exact split, medians over the evaluation images; "
+                  "share = <part, full> / ||full||^2), and which path decides (path swap: the target path on "
+                  "image i, the substitute on an image j of another class):", "",
+                  *attribution_table(abnn), "", *path_swap_table(abnn), ""]
     subs = {r["substitute_run"]: r["substitute_cost"] for r in recs if r["substitute_cost"]}
     lines += ["Substitutes:", ""] + [
         f"- `{run}`: validation accuracy {_pct(c['final_val_acc'])}"

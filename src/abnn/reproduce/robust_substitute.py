@@ -17,8 +17,8 @@ schedule and evaluation images:
   last feature, at the same epochs (the control: if ABNN does no better, the target adds nothing);
 * ``fast-at`` and ``pgd-at``: the frontier's adversarially trained targets, for reference.
 
-Each row gets the studies' evaluation (PGD-5 and the APGD-CE / APGD-T worst case), the counted
-cost of its target, its substitute's one-time cost, and the cost amortised over k targets; rows
+Each row gets the studies' evaluation (PGD-5 and the APGD-CE / APGD-T worst case), each ABNN row
+the gradient attribution and path swap of the forensics study, the counted cost of its target, its substitute's one-time cost, and the cost amortised over k targets; rows
 whose worst case exceeds 5% are also attacked with the authors' AutoAttack on the first 200
 test images, with both per-sample robust index lists written beside each other.
 """
@@ -165,6 +165,22 @@ def _job_autoattack_after_eval(run: Path, n: int, batch_size: int, data_root, de
                           device, force)
 
 
+def job_attribution(run: Path, n: int, batch_size: int, seed: int, data_root: str | None, device: str,
+                    force: bool) -> dict:
+    """The gradient attribution and path swap of an ABNN row (:func:`abnn.evaluation.attribution.
+    forensics_run`, ``RUN/forensics.json``), reused when made with the same images and seed."""
+    from ..evaluation.attribution import forensics_run
+    from ..runs import read_json, run_lock
+
+    path = run / "forensics.json"
+    if path.is_file() and not force:
+        old = read_json(path)
+        if old.get("n") == n and old.get("seed") == seed:
+            return old
+    with run_lock(run, wait=STUDY_LOCK_WAIT):
+        return forensics_run(run, n_eval=n, batch_size=batch_size, data_root=data_root, device=device, seed=seed)
+
+
 def run_robust_substitute(preset: Table1Preset, out: str | Path, *, studies_dir: str | Path | None = None,
                           data_root: str | None = None, device: str = "cpu", force: bool = False,
                           progress: bool = True, command: str = "", jobs: int | None = None,
@@ -184,9 +200,12 @@ def run_robust_substitute(preset: Table1Preset, out: str | Path, *, studies_dir:
     stages, done = train_stages(points, force=force)
     ev, ev_done = eval_stages(models, spec, data_root, device, force=force)
     stages += ev + _aa_stages(models, st, data_root, device, force)
+    stages += [Stage(f"attr:{p.name}", job_attribution,
+                     (p.run, spec.n_eval, spec.batch_size, spec.seed, data_root, device, force),
+                     after=(f"eval:{p.name}",), weight=0.3) for p in models if p.cfg.method == "abnn"]
     done.update(ev_done)
     workers, per_stage = plan_workers(jobs, threads, stages)
-    with_progress([s for s in stages if not s.name.startswith("aa:")], workers, progress)
+    with_progress([s for s in stages if not s.name.startswith(("aa:", "attr:"))], workers, progress)
     _log(f"robust substitute: {len(stages)} stages to run, {len(done)} reused; {workers} at a time")
     results = run_stages(stages, workers=workers, threads=per_stage, done=done,
                          on_done=lambda name, _: _log(f"stage {name} done"))
@@ -215,6 +234,7 @@ def row_record(row: Row, by: dict[str, TrainPoint], models: list[TrainPoint], re
     cost and the amortised cost (target + substitute / k) by each clock and in counted N."""
     p = by[row.name]
     ev, aa = eval_of(p, models, results), results.get(f"aa:{row.name}", {})
+    attr = results.get(f"attr:{row.name}")
     target = _cost(results[p.name])
     sub = _cost(results[row.substitute]) if row.substitute else None
     amortised = {}
@@ -227,4 +247,6 @@ def row_record(row: Row, by: dict[str, TrainPoint], models: list[TrainPoint], re
             "substitute_run": str(by[row.substitute].run) if row.substitute else None,
             "clean_acc": ev["clean_acc"], "robust_acc": ev["robust_acc"], "worst_case_acc": ev["worst_case_acc"],
             "n_eval": ev["n_eval"], "autoattack": aa, "target_cost": target, "substitute_cost": sub,
+            "attribution_median": attr["attribution_median"] if attr else None,
+            "path_swap": attr["path_swap"] if attr else None,
             "amortised": amortised}
