@@ -20,13 +20,17 @@ from ..data import load_dataset
 from ..errors import CheckpointError
 from ..evaluation import run_attacks
 from ..files import ensure_writable
-from ..runs import DOWNLOADABLE, check_same_run, load_run, read_json, run_lock
+from ..runs import DOWNLOADABLE, LOCK_NAME, check_same_run, load_run, read_json, run_lock
 from ..training import train
 from ..training.checkpoint import save_atomic
 from ..training.loop import software_versions
 from ..training.methods import get_method
 from .presets import Table1Preset, paper_table1
 from .schedule import Stage, plan_workers, run_stages
+
+
+#: seconds a training stage waits for a run folder that another pipeline is training
+STAGE_LOCK_WAIT = 12 * 3600.0
 
 
 def _log(msg: str) -> None:
@@ -48,16 +52,22 @@ def _finished_train(run: Path, cfg: TrainConfig) -> dict | None:
 
 
 def _stage_train(run: Path, cfg: TrainConfig, *, force: bool, progress: bool | str) -> dict:
+    """Train a stage's run folder, or reuse it when finished with the same settings.  A run that
+    another process is training (another study's pipeline) is waited for, then reused."""
     if force and run.exists():
         shutil.rmtree(run)
-    done = _finished_train(run, cfg)
-    if done is not None:
-        return done
-    resume = (run / "checkpoint.pt").is_file()
-    if resume:
-        _check_same(run, cfg)
-    _log(f"{run.name}: {'resuming' if resume else 'training'} ({cfg.method}, width {cfg.width}, {cfg.epochs} epochs)")
-    return train(cfg, run, resume=resume, progress=progress)
+    if (run / LOCK_NAME).is_file():
+        _log(f"{run.name}: another process is training it; waiting for it to finish")
+    with run_lock(run, wait=STAGE_LOCK_WAIT):
+        done = _finished_train(run, cfg)
+        if done is not None:
+            return done
+        resume = (run / "checkpoint.pt").is_file()
+        if resume:
+            _check_same(run, cfg)
+        _log(f"{run.name}: {'resuming' if resume else 'training'} ({cfg.method}, width {cfg.width}, "
+             f"{cfg.epochs} epochs)")
+        return train(cfg, run, resume=resume, progress=progress)
 
 
 def _test_data(preset, data_root: str | None, n: int):
