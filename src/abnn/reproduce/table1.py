@@ -57,7 +57,7 @@ def _stage_train(run: Path, cfg: TrainConfig, *, force: bool, progress: bool | s
     if resume:
         _check_same(run, cfg)
     _log(f"{run.name}: {'resuming' if resume else 'training'} ({cfg.method}, width {cfg.width}, {cfg.epochs} epochs)")
-    return train(cfg, run, resume=resume, progress=progress)
+    return train(cfg, run, resume=resume, progress=progress).to_dict()
 
 
 def _test_data(preset, data_root: str | None, n: int):
