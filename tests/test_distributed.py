@@ -121,7 +121,7 @@ def _worker(root: str, out: str) -> None:
         cfg = TrainConfig(**dict(base, method=method, data_root=root))
         results[method] = train(cfg, Path(out) / method, progress=False)
     assert dist.is_initialized()  # train() leaves a group it did not create alone
-    Path(out, f"rank{rank}.json").write_text(json.dumps({m: r.get("rank", 0) for m, r in results.items()}))
+    Path(out, f"rank{rank}.json").write_text(json.dumps({m: r.rank for m, r in results.items()}))
     dist.destroy_process_group()
 
 

@@ -283,12 +283,12 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_is_exact(tmp_path, monkeypatch):
     from conftest import write_fake_npz
 
     from abnn.config import TrainConfig
-    from abnn.training import loop, train
+    from abnn.training import TrainStep, train
 
     root = write_fake_npz(tmp_path / "data", n_train=64)
     cfg = dict(method="pgd-at", at_steps=1, width=1 / 16, epochs=2, batch_size=16, val_size=0, data_root=str(root),
                device="cpu", num_threads=1)
-    real, steps = loop.TrainStep.__call__, []
+    real, steps = TrainStep.__call__, []
 
     def step_then_interrupt(self, x, y):
         out = real(self, x, y)
@@ -297,10 +297,10 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_is_exact(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does; deferred to the step boundary
         return out
 
-    monkeypatch.setattr(loop.TrainStep, "__call__", step_then_interrupt)
+    monkeypatch.setattr(TrainStep, "__call__", step_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig(**cfg), tmp_path / "cut", progress=False)
-    monkeypatch.setattr(loop.TrainStep, "__call__", real)
+    monkeypatch.setattr(TrainStep, "__call__", real)
     ck = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert (ck["step"], ck["epoch"], ck["batch_in_epoch"], ck["epoch_done"]) == (3, 0, 3, False)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

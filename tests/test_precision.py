@@ -4,7 +4,8 @@ import json
 
 import torch
 
-from abnn.training import loop
+from abnn.config import TrainConfig
+from abnn.training import TrainStep, train, validation
 
 
 def test_bf16_training_validates_in_float32(tmp_path, fake_data_root, monkeypatch):
@@ -21,20 +22,20 @@ def test_bf16_training_validates_in_float32(tmp_path, fake_data_root, monkeypatc
                 hook.remove()
         return wrapped
 
-    monkeypatch.setattr(loop, "accuracy", recording(loop.accuracy))
-    monkeypatch.setattr(loop, "robust_accuracy", recording(loop.robust_accuracy))
-    real_step = loop.TrainStep.__call__
+    monkeypatch.setattr(validation, "accuracy", recording(validation.accuracy))
+    monkeypatch.setattr(validation, "robust_accuracy", recording(validation.robust_accuracy))
+    real_step = TrainStep.__call__
 
     def step(self, x, y):
         loss, logits = real_step(self, x, y)
         seen["train"].add(logits.dtype)
         return loss, logits
 
-    monkeypatch.setattr(loop.TrainStep, "__call__", step)
-    cfg = loop.TrainConfig(method="standard", width=1 / 16, epochs=1, batch_size=16, val_size=8, robust_val_size=8,
+    monkeypatch.setattr(TrainStep, "__call__", step)
+    cfg = TrainConfig(method="standard", width=1 / 16, epochs=1, batch_size=16, val_size=8, robust_val_size=8,
                            amp="bf16", device="cpu", data_root=str(fake_data_root))
-    res = loop.train(cfg, tmp_path / "run", progress=False, max_steps=2)
-    assert res["amp"] == "bfloat16"
+    res = train(cfg, tmp_path / "run", progress=False, max_steps=2)
+    assert res.amp == "bfloat16"
     assert seen["train"] == {torch.bfloat16}
     assert seen["val"] == {torch.float32}
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])

@@ -134,3 +134,28 @@ def test_model_for_another_width_or_class_count_is_one_line(tmp_path, fake_data_
         err = capsys.readouterr().err
         assert "model.pt" in err and "shape mismatch" in err and len(err.strip().splitlines()) == 1
     assert "linear" in err or "fc" in err  # the class-count case names the classifier
+
+
+def test_train_result_writes_the_file_it_returns_and_reads_older_files(tmp_path, fake_data_root):
+    from abnn.training import TrainResult
+
+    cfg = TrainConfig(width=0.0625, epochs=1, batch_size=16, val_size=8, data_root=str(fake_data_root), device="cpu")
+    res = train(cfg, tmp_path / "r", progress=False, max_steps=2)
+    written = json.loads((tmp_path / "r" / "train_results.json").read_text())
+    assert list(written) == list(res.to_dict()) and "robust_val" not in written and "substitute" not in written
+    back = TrainResult.load(tmp_path / "r")
+    assert back.to_dict() == written and (back.steps, back.complete) == (2, False)
+    old = {"method": "standard", "steps": 5, "an_entry_of_another_version": 1}   # an older file: entries missing
+    (tmp_path / "r" / "train_results.json").write_text(json.dumps(old))
+    back = TrainResult.load(tmp_path / "r")
+    assert back.steps == 5 and back.total_steps is None and back.to_dict()["an_entry_of_another_version"] == 1
+
+
+def test_a_file_that_is_not_a_training_checkpoint_is_one_line(tmp_path):
+    from abnn.errors import CheckpointError
+    from abnn.training.checkpoint import TrainingCheckpoint
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "checkpoint.pt")   # weights, not a training checkpoint
+    with pytest.raises(CheckpointError, match="is not an abnn training checkpoint") as e:
+        TrainingCheckpoint.load(tmp_path / "checkpoint.pt")
+    assert len(str(e.value).splitlines()) == 1

@@ -92,8 +92,8 @@ def test_a_probe_trains_its_head_and_never_updates_the_frozen_substitute(fast_at
     sub = {k: v for k, v in before.state_dict().items() if k.startswith("substitute.")}
     assert sub and all(torch.equal(after[k], v) for k, v in sub.items())  # parameters and BN statistics
     assert any(not torch.equal(after[k], v) for k, v in before.state_dict().items() if k.startswith("head."))
-    assert res["cost"]["per_network"]["substitute"] == {"forward": 2, "backward": 0}  # frozen: never backward
-    assert res["cost_N_per_step"] == 3.0  # substitute forward, head forward and backward
+    assert res.cost["per_network"]["substitute"] == {"forward": 2, "backward": 0}  # frozen: never backward
+    assert res.cost_N_per_step == 3.0  # substitute forward, head forward and backward
 
 
 @pytest.mark.slow

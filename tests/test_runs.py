@@ -205,9 +205,9 @@ def blocked(tmp_path) -> Path:
 
 
 def test_unwritable_output_is_refused_before_training(blocked, fake_data_root, capsys, monkeypatch):
-    import abnn.training.loop as loop
+    import abnn.training.trainer as trainer
 
-    monkeypatch.setattr(loop, "load_dataset", lambda *a, **k: pytest.fail("data loaded before the write check"))
+    monkeypatch.setattr(trainer, "load_dataset", lambda *a, **k: pytest.fail("data loaded before the write check"))
     for cmd in (["train"], ["pretrain-substitute"]):
         code, _, err = _run([*cmd, "--out", blocked, "--epochs", "1", *TINY, "--data-root", fake_data_root], capsys)
         assert code == 2 and f"cannot write to {blocked}" in _one_line(err)
@@ -290,18 +290,19 @@ def test_full_disk_during_training_is_one_line_and_the_last_checkpoint_stays(tmp
 
 def test_nan_loss_stops_the_run_with_the_last_good_checkpoint_and_strict_metrics(tmp_path, fake_data_root, capsys,
                                                                                 monkeypatch):
-    import abnn.training.loop as loop
+    import abnn.training.trainer as trainer
+    from abnn.training.methods import clean_loss
 
     calls = []
 
     def nan_at_step_6(cfg):
         def loss(model, x, y):
             calls.append(1)
-            value, logits = loop.clean_loss(model, x, y)
+            value, logits = clean_loss(model, x, y)
             return (value * float("nan") if len(calls) == 6 else value), logits
         return loss
 
-    monkeypatch.setattr(loop, "batch_loss_for", nan_at_step_6)
+    monkeypatch.setattr(trainer, "batch_loss_for", nan_at_step_6)
     run = tmp_path / "r"   # 64 images / 16 = 4 steps per epoch: epoch 1 finishes, step 6 is in epoch 2
     code, _, err = _run(["train", "--out", run, "--epochs", "3", "--train-size", "64", "--checkpoint-every", "5", *TINY,
                          "--data-root", fake_data_root], capsys)

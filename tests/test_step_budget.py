@@ -26,15 +26,15 @@ def _cfg(root, **kw) -> TrainConfig:
 
 def test_total_steps_stops_at_the_budget_with_the_cosine_end(tmp_path, fake_data_root):
     res = train(_cfg(fake_data_root), tmp_path / "r", progress=False)
-    assert (res["steps"], res["total_steps"], res["steps_per_epoch"], res["epochs"]) == (6, 6, 4, 2)
-    assert res["cost"]["steps"] == 6
+    assert (res.steps, res.total_steps, res.steps_per_epoch, res.epochs) == (6, 6, 4, 2)
+    assert res.cost["steps"] == 6
     lines = _lines(tmp_path / "r")
     assert [(r["epoch"], r["step"]) for r in lines] == [(1, 4), (2, 6)] and not any(r.get("partial") for r in lines)
     assert lines[0]["lr"] == pytest.approx(0.1 * (1 + math.cos(math.pi * 4 / 6)) / 2)
     assert lines[1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine's end, at the budget's last step
     ck = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert (ck["epoch"], ck["epoch_done"], ck["step"]) == (1, True, 6)
-    assert train(_cfg(fake_data_root), tmp_path / "r", progress=False, resume=True)["steps"] == 6  # nothing left
+    assert train(_cfg(fake_data_root), tmp_path / "r", progress=False, resume=True).steps == 6  # nothing left
 
 
 @pytest.mark.parametrize("stop_at", [3, 5])  # in the first epoch, and in the budget's partial last epoch
@@ -52,7 +52,7 @@ def test_total_steps_resume_mid_way_is_exact(stop_at, tmp_path, fake_data_root):
 
 def test_no_total_steps_keeps_whole_epochs(tmp_path, fake_data_root):
     res = train(_cfg(fake_data_root, epochs=2, total_steps=None), tmp_path / "r", progress=False)
-    assert (res["steps"], res["total_steps"], res["epochs"]) == (8, 8, 2)
+    assert (res.steps, res.total_steps, res.epochs) == (8, 8, 2)
 
 
 def test_validation_is_timed_apart_from_training(tmp_path, fake_data_root):
@@ -65,8 +65,8 @@ def test_validation_is_timed_apart_from_training(tmp_path, fake_data_root):
                        ("robust_validation_seconds", "robust_val_seconds"),
                        ("robust_validation_cpu_seconds", "robust_val_cpu_seconds")):
         assert all(r[key] > 0 for r in lines), key
-        assert res[total] == pytest.approx(sum(r[key] for r in lines)), total
-    assert res["train_seconds"] == pytest.approx(sum(r["epoch_seconds"] for r in lines))
+        assert getattr(res, total) == pytest.approx(sum(r[key] for r in lines)), total
+    assert res.train_seconds == pytest.approx(sum(r["epoch_seconds"] for r in lines))
 
 
 def test_total_steps_flag_and_identity(tmp_path, fake_data_root):

@@ -427,6 +427,6 @@ def test_training_on_ucf101_layout_reports_skipped_videos(fake_ucf, tmp_path, mo
                       batch_size=2, lr=0.01, val_size=None, data_root=str(fake_ucf.parent))
     with pytest.warns(RuntimeWarning, match="v_HandStandPushups_g02_c01"):
         res = train(cfg, tmp_path / "run", progress=False)
-    assert res["n_skipped_videos"] == 1
-    assert res["skipped_videos"][0]["video"] == "HandStandPushups/v_HandStandPushups_g02_c01.avi"
-    assert res["cost_N_per_step"] == 2.0 and res["final_val_acc"] is not None
+    assert res.n_skipped_videos == 1
+    assert res.skipped_videos[0]["video"] == "HandStandPushups/v_HandStandPushups_g02_c01.avi"
+    assert res.cost_N_per_step == 2.0 and res.final_val_acc is not None

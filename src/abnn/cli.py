@@ -271,17 +271,16 @@ def _config_from_args(a: argparse.Namespace, **fixed) -> TrainConfig:
 
 def cmd_pretrain(a: argparse.Namespace) -> int:
     from .training import train
-
-    from .training.loop import clean_val_size
+    from .training.validation import clean_val_size
 
     cfg = _config_from_args(a, method=a.method, dataset="tinyimagenet32", arch="vgg19_bn", at_steps=a.at_steps,
                             fast_at_alpha=a.fast_at_alpha, robust_val_size=a.robust_val_size,
                             keep_best=a.keep_best, amp=a.amp)
     cfg.val_size = clean_val_size(cfg)  # --val-size -1 (all) leaves out the --robust-val-size images
     res = train(cfg, a.out, resume=a.resume, progress=not a.no_progress, max_steps=a.max_steps)
-    print(json.dumps({"run": a.out, "method": cfg.method, "val_acc": res["final_val_acc"], "val_size": res["val_size"],
-                      "best_val_pgd_acc": res.get("best_val_pgd_acc"), "cost_N_per_step": res["cost_N_per_step"],
-                      "train_seconds": round(res["train_seconds"], 1)}))
+    print(json.dumps({"run": a.out, "method": cfg.method, "val_acc": res.final_val_acc, "val_size": res.val_size,
+                      "best_val_pgd_acc": res.best_val_pgd_acc, "cost_N_per_step": res.cost_N_per_step,
+                      "train_seconds": round(res.train_seconds, 1)}))
     return 0
 
 
@@ -318,9 +317,9 @@ def cmd_train(a: argparse.Namespace) -> int:
                             "see the messages above")
         return 0
     res = train(cfg, a.out, resume=a.resume, progress=not a.no_progress, max_steps=a.max_steps)
-    if res.get("rank", 0) == 0:  # under torchrun only rank 0 reports
-        print(json.dumps({"run": a.out, "method": res["method"], "val_acc": res["final_val_acc"],
-                          "cost_N_per_step": res["cost_N_per_step"], "train_seconds": round(res["train_seconds"], 1)}))
+    if res.rank == 0:  # under torchrun only rank 0 reports
+        print(json.dumps({"run": a.out, "method": res.method, "val_acc": res.final_val_acc,
+                          "cost_N_per_step": res.cost_N_per_step, "train_seconds": round(res.train_seconds, 1)}))
     return 0
 
 

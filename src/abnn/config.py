@@ -96,7 +96,7 @@ class TrainConfig:
     at_alpha: float = field(default=2 / 255, metadata=_NO_FLAG)
     # Fast-AT (Wong, Rice & Kolter 2020; METHOD.md s. 5): FGSM from a random start, step fast_at_alpha
     fast_at_alpha: float = 10 / 255
-    # per-epoch PGD-5 accuracy on robust_val_size held-out images (see training.loop.robust_val_data);
+    # per-epoch PGD-5 accuracy on robust_val_size held-out images (see training.validation.robust_val_data);
     # keep_best makes model.pt the epoch of best robust accuracy (Wong et al.)
     robust_val_size: int = 0
     keep_best: bool = False

@@ -57,7 +57,7 @@ def _stage_train(run: Path, cfg: TrainConfig, *, force: bool, progress: bool | s
     if force and run.exists():
         shutil.rmtree(run)
     if (run / LOCK_NAME).is_file():
-        _log(f"{run.name}: another process is training it; waiting for it to finish")
+        _log(f"{run.name}: a lock is on it; if another process is training it, waiting for that to finish")
     with run_lock(run, wait=STAGE_LOCK_WAIT):
         done = _finished_train(run, cfg)
         if done is not None:
@@ -67,7 +67,7 @@ def _stage_train(run: Path, cfg: TrainConfig, *, force: bool, progress: bool | s
             _check_same(run, cfg)
         _log(f"{run.name}: {'resuming' if resume else 'training'} ({cfg.method}, width {cfg.width}, "
              f"{cfg.epochs} epochs)")
-        return train(cfg, run, resume=resume, progress=progress)
+        return train(cfg, run, resume=resume, progress=progress).to_dict()
 
 
 def _test_data(preset, data_root: str | None, n: int):

@@ -1,7 +1,12 @@
 """Training: one loop for every method, the counted cost, atomic checkpoints, distributed runs."""
 
 from .cost import PassCounter, attach_networks
-from .loop import TrainStep, accuracy, batch_loss_for, clean_loss, pgd_at_loss, resolve_amp, resolve_device, train
+from .loop import train
+from .methods import batch_loss_for, clean_loss, pgd_at_loss
+from .results import TrainResult
+from .step import TrainStep, resolve_amp, resolve_device
+from .trainer import Trainer
+from .validation import accuracy
 
-__all__ = ["PassCounter", "attach_networks", "accuracy", "batch_loss_for", "clean_loss", "pgd_at_loss",
-           "resolve_amp", "resolve_device", "train", "TrainStep"]
+__all__ = ["PassCounter", "TrainResult", "TrainStep", "Trainer", "accuracy", "attach_networks", "batch_loss_for",
+           "clean_loss", "pgd_at_loss", "resolve_amp", "resolve_device", "train"]
