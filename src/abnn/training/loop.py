@@ -232,13 +232,22 @@ def software_versions() -> dict:
             "python": platform.python_version()}
 
 
-def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool | str = True,
-          max_steps: int | None = None) -> dict:
+#: the files a training run writes in its folder (what ``fresh=True`` discards)
+RUN_FILES = ("checkpoint.pt", "model.pt", "best.pt", "metrics.jsonl", "train_results.json", "config.json")
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool | None = None, fresh: bool = False,
+          progress: bool | str = True, max_steps: int | None = None) -> dict:
     """Train the run described by ``cfg`` into ``run_dir`` and return its results.
 
     Each epoch writes one line of ``metrics.jsonl`` and an atomic ``checkpoint.pt`` (also every
-    ``cfg.checkpoint_every`` steps within an epoch); with ``resume`` an interrupted run continues
-    from its last checkpoint at the exact step.  The run trains ``cfg.epochs`` epochs, or exactly
+    ``cfg.checkpoint_every`` steps within an epoch).  Resume policy (the same for every command:
+    continue by default, ``fresh`` starts over): with ``resume=None`` (the default) a run in
+    ``run_dir`` with a checkpoint continues at the exact step when its recorded settings match
+    (else one line names each differing flag), and an empty folder starts a new run;
+    ``resume=True`` insists on continuing (nothing to continue is an error), ``resume=False`` on
+    a new run (a run in the folder is an error); ``fresh=True`` first discards the training
+    files (:data:`RUN_FILES`) of a run in ``run_dir``, other files there are kept.  The run trains ``cfg.epochs`` epochs, or exactly
     ``cfg.total_steps`` steps where set (:func:`step_budget`; the cosine schedule spans them).  At
     the end ``model.pt`` (final weights) and ``train_results.json`` (counted cost N per step,
     steps, seconds, accuracies) are written.  The per-epoch clean and robust validation is timed
@@ -264,27 +273,40 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
     ctx, device = init_distributed(resolve_device(cfg.device))
     try:
         with run_lock(run_dir) if ctx.is_main else contextlib.nullcontext():
-            return _train(resolve_config(cfg), Path(run_dir), ctx, device, resume=resume,
+            if fresh:
+                if ctx.is_main:
+                    for name in RUN_FILES:
+                        (Path(run_dir) / name).unlink(missing_ok=True)
+                barrier(ctx)  # no rank checks the folder before it is empty
+            return _train(resolve_config(cfg), Path(run_dir), ctx, device, resume=False if fresh else resume,
                           progress=progress if ctx.is_main else False, max_steps=max_steps)
     finally:
         shutdown(ctx)
 
 
-def _check_run_folder(run: Path, cfg: TrainConfig, resume: bool) -> None:
-    """Before any computation: a new run never overwrites a run, a resume continues the same run."""
+def _check_run_folder(run: Path, cfg: TrainConfig, resume: bool | None) -> bool:
+    """Before any computation: whether to continue the run in ``run`` (see :func:`train`); a new
+    run never overwrites a run, a continued run has the same settings."""
     ckpt = run / "checkpoint.pt"
+    if resume is None:
+        resume = ckpt.is_file()
+        if not resume and (run / "model.pt").is_file():
+            raise AbnnError(f"run folder {run} holds a run without checkpoint.pt to continue; pass --fresh to train "
+                            "it again there, or choose a new --out")
     if not resume:
         if ckpt.is_file() or (run / "model.pt").is_file():
-            raise AbnnError(f"run folder {run} already holds a run; pass --resume to continue it or choose a new --out")
-        return
+            raise AbnnError(f"run folder {run} already holds a run; leave out resume=False to continue it, pass "
+                            "--fresh to start it over, or choose a new --out")
+        return False
     if not ckpt.is_file():
         raise AbnnError(f"--resume: {run} holds no checkpoint.pt, so there is nothing to continue; "
-                        "start the run without --resume")
+                        "leave out --resume (a run continues by default when there is something to continue)")
     if not (run / "config.json").is_file():
-        raise AbnnError(f"--resume: {run} holds checkpoint.pt but no config.json, so its settings cannot be checked; "
-                        "train into a new --out")
-    check_same_run(run, cfg, fix="--resume continues a run only with its recorded settings: pass those, "
-                                 "or train into a new --out")
+        raise AbnnError(f"{run} holds checkpoint.pt but no config.json, so its settings cannot be checked; "
+                        "pass --fresh to start the run over, or train into a new --out")
+    check_same_run(run, cfg, fix="a run continues only with its recorded settings: pass those, --fresh to start "
+                                 "it over, or train into a new --out")
+    return True
 
 
 def _first_bad_step(bad: Tensor, ctx: DistContext) -> int | None:
@@ -312,10 +334,10 @@ def _rng_state(device: torch.device) -> dict:
 _CKPT_KEYS = ("model", "optimizer", "scheduler", "epoch")
 
 
-def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, *, resume: bool,
+def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, *, resume: bool | None,
            progress: bool | str, max_steps: int | None) -> dict:
     ckpt_path = run / "checkpoint.pt"
-    _check_run_folder(run, cfg, resume)
+    resume = _check_run_folder(run, cfg, resume)
     amp_dtype = resolve_amp(cfg.amp, device)  # before any data is read: a refused --amp fails at once
     if cfg.batch_size % ctx.world_size:
         raise AbnnError(f"batch size {cfg.batch_size} (the global batch) is not divisible by the {ctx.world_size} "
@@ -469,7 +491,7 @@ def _train(cfg: TrainConfig, run: Path, ctx: DistContext, device: torch.device, 
                 save_checkpoint(epoch, False, done_in_epoch, (loss_sum, correct, seen, epoch_seconds + (
                     time.perf_counter() - t0 - paused)))
                 tqdm.write(f"interrupted: {ckpt_path} holds step {step} (epoch {epoch + 1}, batch {done_in_epoch}); "
-                           "the same command with --resume continues from there")
+                           "the same command continues from there")
                 raise KeyboardInterrupt
             loss, logits = step_fn(x, y)
             bad_step.masked_fill_((bad_step < 0) & ~torch.isfinite(loss), step + 1)
