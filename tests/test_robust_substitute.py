@@ -39,7 +39,7 @@ def test_pretrain_substitute_fast_at_counts_4N_records_robust_validation_and_kee
     assert len(res["robust_val"]["per_epoch"]) == 1 and res["robust_val"]["n"] == 16
     assert res["robust_validation_seconds"] > 0 and res["best_robust_epoch"] == 1
     capsys.readouterr()
-    assert _pretrain(run, root, "--resume", "--method", "standard") == 2  # the method defines the run
+    assert _pretrain(run, root, "--method", "standard") == 2  # a rerun continues; the method defines the run
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--method recorded 'fast-at', now 'standard'" in err[0]
 

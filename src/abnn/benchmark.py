@@ -480,3 +480,35 @@ def bench_video_step(*, full: bool = True, batch_sizes: tuple[int, ...] = (1, 2)
     if out:
         write_json_atomic(Path(out), res)
     return res
+
+
+def bench_command(what: str, *, methods: str | None = None, width: float | None = None,
+                  substitute_width: float | None = None, batch_size: int = 128, steps: int = 3, warmup: int = 1,
+                  at_steps: int = 5, attack_steps: int = 10, encoder: str = "flatten", amp: str = "auto",
+                  channels_last: bool = False, compare_torchattacks: bool = False, compare_amp: bool = False,
+                  device: str = "cpu", out: str | None = None, progress: bool = True) -> dict:
+    """``abnn bench WHAT``: check the flags in one line each, then run ``train-cost``,
+    ``throughput`` (``compare_amp``: :func:`bench_precision`) or ``video-step``.  ``methods``
+    is comma-separated; widths default to 1.0 for train-cost (the paper's), 0.25 otherwise."""
+    from .errors import AbnnError
+    from .training.methods import METHODS
+
+    default_methods = "standard,abnn" if compare_amp else "standard,abnn,pgd-at"
+    names = tuple(m.strip() for m in (methods or default_methods).split(",") if m.strip())
+    bad = [m for m in names if m not in METHODS]
+    if bad:
+        raise AbnnError(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
+    if batch_size < 1 or steps < 1 or attack_steps < 1:
+        raise AbnnError(f"need --batch-size, --steps and --attack-steps >= 1; got {batch_size}, {steps}, {attack_steps}")
+    if what == "video-step":
+        return bench_video_step(device=device, out=out, progress=progress)
+    default_width = 1.0 if what == "train-cost" else 0.25
+    common = dict(width=width if width is not None else default_width, batch_size=batch_size, warmup=warmup,
+                  substitute_width=substitute_width if substitute_width is not None else default_width,
+                  at_steps=at_steps, encoder=encoder, methods=names, device=device, out=out, progress=progress)
+    if what == "train-cost":
+        return bench_train_cost(steps=steps, **common)
+    if compare_amp:
+        return bench_precision(iters=steps, **common)
+    return bench_throughput(iters=steps, attack_steps=attack_steps, amp=amp, channels_last=channels_last,
+                            compare_torchattacks=compare_torchattacks, **common)

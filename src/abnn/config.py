@@ -42,6 +42,20 @@ def _same_source(recorded: str | None, new: str | None) -> bool:
 #: what it computes.  Such settings may change between a run and its resume.
 EXECUTION: Mapping[str, Any] = {"execution": True}
 _NO_FLAG: Mapping[str, Any] = {"flag": None}
+#: ``scope`` of a setting that only ``abnn train`` (a target) has, not ``pretrain-substitute``
+TARGET = "target"
+
+
+def _setting(default: Any, help: str, **meta: Any) -> Any:
+    """A field with its command-line help (``abnn train`` builds its flags from the fields).
+
+    Metadata: ``help``; ``flag`` (default ``--name-with-dashes``; a bool that defaults to True
+    is switched off by its flag); ``choices``; ``metavar``; ``parse``: ``"pixels"`` (a budget in
+    1/255 of the pixel range, :func:`abnn.attacks.parse_pixel_budget`), ``"list"`` (comma
+    separated) or ``"all=-1"`` (-1 means None: all); ``scope``: :data:`TARGET`; ``same``: how a
+    resume compares the setting; ``execution``: :data:`EXECUTION`."""
+    return field(default=default, metadata={"help": help, **meta})
+
 
 
 @dataclass
@@ -57,60 +71,80 @@ class TrainConfig:
     process count, which a resume may also change) and ``checkpoint_every``.
     """
 
-    method: str = "standard"                 # a name of the method registry (abnn.training.methods)
+    method: str = _setting("standard", "a training method of the registry (abnn.training.methods; --list-methods)")
     dataset: str = field(default="cifar10", metadata=_NO_FLAG)  # cifar10 | tinyimagenet32 | clips13 | ucf101
-    arch: str = "resnet18_cifar"             # resnet18_cifar | vgg19_bn | ... (abnn.models.MODELS)
-    width: float = 1.0
-    epochs: int = 30
-    # a step budget: train exactly this many optimiser steps, the cosine schedule over them, the last
-    # epoch partial where the budget ends mid-epoch (``epochs`` is then unused); None: epochs x steps per epoch
-    total_steps: int | None = None
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    seed: int = 0
-    train_size: int | None = None            # first n training images (None: all)
-    val_size: int | None = 1000              # test/val images for the per-epoch accuracy (None: all, 0: none)
-    include_jpeg: bool = False               # CIFAR-10: add the 30k JPEG-q75 training images
+    arch: str = _setting("resnet18_cifar", "target architecture (abnn.models.MODELS)", scope=TARGET)
+    width: float = _setting(1.0, "channel width multiplier")
+    epochs: int = _setting(30, "epochs")
+    total_steps: int | None = _setting(
+        None, "a step budget: train exactly N optimiser steps, the cosine schedule over them, the last epoch partial "
+              "where N ends mid-epoch (--epochs is then unused; default: epochs x steps per epoch)", metavar="N")
+    batch_size: int = _setting(128, "batch size (the global batch of a distributed run)")
+    lr: float = _setting(0.1, "initial SGD learning rate, cosine decay")
+    momentum: float = _setting(0.9, "SGD momentum")
+    weight_decay: float = _setting(5e-4, "SGD weight decay")
+    seed: int = _setting(0, "seed of the initialisation, data order and attacks")
+    train_size: int | None = _setting(None, "use only the first N training images (default: all)", metavar="N")
+    val_size: int | None = _setting(1000, "held-out images for the per-epoch accuracy (-1: all; 0: none)",
+                                    parse="all=-1")
+    include_jpeg: bool = _setting(False, "add the 30k JPEG-q75 CIFAR-10 training images", scope=TARGET)
     full_cifar10: bool = field(default=False, metadata=_NO_FLAG)  # the full 50k set via torchvision's download
-    augment: bool = field(default=True, metadata={"flag": "--no-augment"})
+    augment: bool = _setting(True, "no random crop / flip", flag="--no-augment")
     frames: int | None = field(default=None, metadata=_NO_FLAG)  # frames per clip (video; None: the dataset's own)
     # ABNN (METHOD.md s. 1); substitute is recorded as written, compared as the same file or folder
-    substitute: str | None = field(default=None, metadata={"same": _same_source})  # run dir, weights, IMAGENET1K_V1
-    substitute_arch: str = "vgg19_bn"
-    substitute_width: float = 1.0
+    substitute: str | None = _setting(
+        None, "ABNN: substitute run folder, weights file (torchvision's vgg19_bn / r3d_18 format too: the offline "
+              "form of the downloads), or IMAGENET1K_V1 (downloaded)", scope=TARGET, same=_same_source)
+    substitute_arch: str = _setting("vgg19_bn", "architecture of a bare substitute weights file: vgg19_bn, r3d_18, "
+                                                "r3d_18_authors, resnet20", scope=TARGET)
+    substitute_width: float = _setting(1.0, "width of a bare substitute weights file", scope=TARGET)
     substitute_num_classes: int = field(default=200, metadata=_NO_FLAG)
-    # substitute module names to tap (a substitute without return_taps, e.g. the reference ResNet-20)
-    substitute_taps: list[str] | None = None
-    # accept a substitute trained on the target's own dataset (an upper bound that breaks the premise)
-    in_domain_substitute: bool = field(default=False, metadata={"flag": "--allow-in-domain-substitute"})
-    substitute_stats: str = "sample"         # sample | batch
-    # sigma(z_s) of eq. (2): biased sqrt(var + eps) (ours) | unbiased torch.std, no eps (the authors' code)
-    substitute_std: str = "biased"
-    encoder: str = "flatten"                 # flatten | pooled (pooled for video: flatten is infeasible there)
-    bn_affine: bool = field(default=True, metadata={"flag": "--no-bn-affine"})
+    substitute_taps: list[str] | None = _setting(
+        None, "tap the substitute at these module names (one per target stage; a substitute without return_taps), "
+              "e.g. for resnet20: layer1.0,layer1,layer2,layer3.0,layer3", scope=TARGET, parse="list",
+        metavar="NAME,NAME,...")
+    in_domain_substitute: bool = _setting(
+        False, "accept a substitute trained on the target's own dataset: an upper bound that breaks ABNN's premise",
+        scope=TARGET, flag="--allow-in-domain-substitute")
+    substitute_stats: str = _setting("sample", "statistics of the substitute's features", scope=TARGET,
+                                     choices=("sample", "batch"))
+    substitute_std: str = _setting(
+        "biased", "sigma(z_s) of eq. (2): biased sqrt(var+eps), or unbiased torch.std without eps (the authors' code)",
+        scope=TARGET, choices=("biased", "unbiased"))
+    encoder: str = _setting("flatten", "statistics encoder (pooled for video: flatten is infeasible there)",
+                            scope=TARGET, choices=("flatten", "pooled"))
+    bn_affine: bool = _setting(True, "adaptive layers without BN's own affine", scope=TARGET, flag="--no-bn-affine")
     # PGD-AT (METHOD.md s. 5)
-    at_steps: int = 5
+    at_steps: int = _setting(5, "PGD-AT attack steps t_max")
     at_eps: float = field(default=8 / 255, metadata=_NO_FLAG)
     at_alpha: float = field(default=2 / 255, metadata=_NO_FLAG)
-    # Fast-AT (Wong, Rice & Kolter 2020; METHOD.md s. 5): FGSM from a random start, step fast_at_alpha
-    fast_at_alpha: float = 10 / 255
-    # per-epoch PGD-5 accuracy on robust_val_size held-out images (see training.validation.robust_val_data);
-    # keep_best makes model.pt the epoch of best robust accuracy (Wong et al.)
-    robust_val_size: int = 0
-    keep_best: bool = False
-    amp: str = "auto"                        # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
+    fast_at_alpha: float = _setting(10 / 255, "Fast-AT's FGSM step from a random start (Wong, Rice & Kolter 2020), "
+                                              "in 1/255 of the pixel range: 10 or 10/255", parse="pixels",
+                                    metavar="K/255")
+    robust_val_size: int = _setting(
+        0, "per-epoch PGD-5 accuracy on K held-out images (CIFAR-10: JPEG training images no run trains on; else "
+           "the last K test images, left out of the clean validation); 0: off", metavar="K")
+    keep_best: bool = _setting(False, "model.pt = the epoch of best per-epoch PGD accuracy (needs --robust-val-size; "
+                                      "Wong et al.)")
+    amp: str = _setting("auto", "mixed precision: auto (bf16 on CUDA where supported, else fp16 with a GradScaler; "
+                                "off on CPU), off, bf16, fp16; PGD-AT's attack runs under the same autocast",
+                        choices=AMP_MODES)
     # execution only: where, how fast and how durably; never what is trained
     device: str = field(default="auto", metadata=EXECUTION)
     data_root: str | None = field(default=None, metadata=EXECUTION)
     num_threads: int | None = field(default=None, metadata={**EXECUTION, "flag": "--threads"})
-    channels_last: bool = field(default=False, metadata=EXECUTION)   # channels-last memory format
-    compile: bool = field(default=False, metadata=EXECUTION)         # torch.compile the model
-    # keep the uint8 training split on the device, gather/crop/flip there (the same batches)
-    data_on_device: bool = field(default=False, metadata=EXECUTION)
-    sync_bn: bool = field(default=True, metadata={**EXECUTION, "flag": "--no-sync-bn"})  # distributed: SyncBN
-    checkpoint_every: int | None = field(default=None, metadata=EXECUTION)  # also every N steps mid-epoch
+    channels_last: bool = _setting(False, "channels-last memory format (faster convolutions on GPUs)", **EXECUTION)
+    compile: bool = _setting(False, "torch.compile the model (first steps are slow while it compiles)", **EXECUTION)
+    data_on_device: bool = _setting(
+        False, "keep the uint8 training images on the device and crop/flip batches there (GPUs: the loader keeps "
+               "up); exactly the same batches as without", **EXECUTION)
+    sync_bn: bool = _setting(
+        True, "distributed runs: keep per-process BatchNorm statistics instead of synchronising the target's "
+              "BatchNorm over all processes (SyncBN, the default; the frozen substitute is never synced)",
+        flag="--no-sync-bn", **EXECUTION)
+    checkpoint_every: int | None = _setting(
+        None, "also write checkpoint.pt every N steps within an epoch (default: at epoch ends only); a rerun "
+              "continues at the exact step", metavar="N", **EXECUTION)
 
     def validate(self) -> "TrainConfig":
         """Refuse, in one line naming the flag, any setting that cannot make a run."""
@@ -137,10 +171,9 @@ class TrainConfig:
         _need(self, "robust_val_size", lambda v: v >= 0, "an integer >= 0 (0: no per-epoch robust accuracy)")
         if self.keep_best and self.robust_val_size == 0:
             raise AbnnError("--keep-best needs a per-epoch robust accuracy: set --robust-val-size K (e.g. 500)")
-        _choice("substitute_stats", self.substitute_stats, ("sample", "batch"))
-        _choice("substitute_std", self.substitute_std, ("biased", "unbiased"))
-        _choice("encoder", self.encoder, ("flatten", "pooled"))
-        _choice("amp", self.amp, AMP_MODES)
+        for name, f in _FIELDS.items():
+            if "choices" in f.metadata:
+                _choice(name, getattr(self, name), f.metadata["choices"])
         return self
 
     def to_dict(self) -> dict[str, Any]:

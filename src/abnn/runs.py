@@ -136,7 +136,7 @@ def load_run(run_dir: str | os.PathLike, *, device: str | torch.device = "cpu") 
     cfg = TrainConfig.load(run / "config.json")
     weights = run / "model.pt"
     if not weights.is_file():
-        raise AbnnError(f"{run} has no model.pt: training has not finished (resume it with `abnn train ... --resume`)")
+        raise AbnnError(f"{run} has no model.pt: training has not finished (the same `abnn train` command continues it)")
     model = build_model_from_config(cfg, load_substitute=False)
     state = load_state_dict_file(weights)
     check_state_dict(state, model, weights)

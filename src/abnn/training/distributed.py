@@ -322,3 +322,20 @@ def launch_torchrun(nproc: int, cli_args: Sequence[str]) -> int:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     return subprocess.call(cmd, env=env)
+
+
+def launch_from_cli(nproc: int, batch_size: int, argv: Sequence[str]) -> bool:
+    """``abnn train --nproc K``: relaunch the same command (``argv``, without ``--nproc``) as K
+    processes and return True once they finished; False when this process trains itself (K = 1,
+    or already one of K processes under torchrun)."""
+    if nproc < 1:
+        raise AbnnError(f"--nproc must be >= 1, got {nproc}")
+    if nproc == 1 or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return False
+    if batch_size % nproc:
+        raise AbnnError(f"--batch-size {batch_size} (the global batch) is not divisible by --nproc {nproc}")
+    code = launch_torchrun(nproc, strip_nproc(argv))
+    if code != 0:
+        raise AbnnError(f"distributed training with {nproc} processes failed (exit status {code}); "
+                        "see the messages above")
+    return True

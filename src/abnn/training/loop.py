@@ -27,7 +27,7 @@ from pathlib import Path
 from ..config import TrainConfig
 from ..errors import AbnnError
 from ..runs import resolve_config, run_lock
-from .distributed import init_distributed, shutdown
+from .distributed import barrier, init_distributed, shutdown
 from .results import TrainResult
 from .step import TrainStep, resolve_amp, resolve_device
 from .trainer import Trainer, step_budget
@@ -37,16 +37,25 @@ from .methods import fast_at_loss, fgsm_rs_example, pgd_at_loss  # noqa: F401
 from .results import software_versions  # noqa: F401
 from .validation import VALIDATION_CLOCKS, clean_val_size, dataset_options  # noqa: F401
 
-__all__ = ["TrainResult", "TrainStep", "resolve_amp", "resolve_device", "step_budget", "train"]
+__all__ = ["RUN_FILES", "TrainResult", "TrainStep", "resolve_amp", "resolve_device", "step_budget", "train"]
 
 
-def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool | str = True,
-          max_steps: int | None = None) -> TrainResult:
+#: the files a training run writes in its folder (what ``fresh=True`` discards)
+RUN_FILES = ("checkpoint.pt", "model.pt", "best.pt", "metrics.jsonl", "train_results.json", "config.json")
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool | None = None, fresh: bool = False,
+          progress: bool | str = True, max_steps: int | None = None) -> TrainResult:
     """Train the run described by ``cfg`` into ``run_dir`` and return its results.
 
     Each epoch writes one line of ``metrics.jsonl`` and an atomic ``checkpoint.pt`` (also every
-    ``cfg.checkpoint_every`` steps within an epoch); with ``resume`` an interrupted run continues
-    from its last checkpoint at the exact step.  The run trains ``cfg.epochs`` epochs, or exactly
+    ``cfg.checkpoint_every`` steps within an epoch).  Resume policy (the same for every command:
+    continue by default, ``fresh`` starts over): with ``resume=None`` (the default) a run in
+    ``run_dir`` with a checkpoint continues at the exact step when its recorded settings match
+    (else one line names each differing flag), and an empty folder starts a new run;
+    ``resume=True`` insists on continuing (nothing to continue is an error), ``resume=False`` on
+    a new run (a run in the folder is an error); ``fresh=True`` first discards the training
+    files (:data:`RUN_FILES`) of a run in ``run_dir``, other files there are kept.  The run trains ``cfg.epochs`` epochs, or exactly
     ``cfg.total_steps`` steps where set (:func:`step_budget`; the cosine schedule spans them).  At
     the end ``model.pt`` (final weights) and ``train_results.json`` (:class:`TrainResult`: counted
     cost N per step, steps, seconds, accuracies) are written.  The per-epoch clean and robust
@@ -74,7 +83,12 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
     ctx, device = init_distributed(resolve_device(cfg.device))
     try:
         with run_lock(run_dir) if ctx.is_main else contextlib.nullcontext():
+            if fresh:
+                if ctx.is_main:
+                    for name in RUN_FILES:
+                        (Path(run_dir) / name).unlink(missing_ok=True)
+                barrier(ctx)  # no rank checks the folder before it is empty
             trainer = Trainer(resolve_config(cfg), Path(run_dir), ctx, device, progress=progress, max_steps=max_steps)
-            return trainer.fit(resume=resume)
+            return trainer.fit(resume=False if fresh else resume)
     finally:
         shutdown(ctx)

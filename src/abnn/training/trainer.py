@@ -157,8 +157,10 @@ class Trainer:
         self.start_epoch, self.skip, self.partial = 0, 0, None
         self.step, self.train_seconds, self.train_cpu = 0, 0.0, 0.0
 
-    def fit(self, *, resume: bool = False) -> TrainResult:
-        """Train (the rest of) the run and return its results (rank 0 has written them)."""
+    def fit(self, *, resume: bool | None = None) -> TrainResult:
+        """Train (the rest of) the run and return its results (rank 0 has written them).
+        ``resume``: see :func:`abnn.training.loop.train` (``None``: continue what is there)."""
+        resume = _check_run_folder(self.run, self.cfg, resume)
         self.setup(resume=resume)
         scaler_state = self.restore() if resume else None
         self._make_step(scaler_state)
@@ -170,9 +172,8 @@ class Trainer:
     # -- setup ----------------------------------------------------------------------------------
 
     def setup(self, *, resume: bool) -> None:
-        """Check the run folder, then build the data, model, optimiser, schedule and pass counter."""
+        """Build the data, model, optimiser, schedule and pass counter (the run folder is checked)."""
         cfg, ctx = self.cfg, self.ctx
-        _check_run_folder(self.run, cfg, resume)
         self.amp_dtype = resolve_amp(cfg.amp, self.device)  # before any data is read: a refused --amp fails at once
         if cfg.batch_size % ctx.world_size:
             raise AbnnError(f"batch size {cfg.batch_size} (the global batch) is not divisible by the "
@@ -306,7 +307,7 @@ class Trainer:
             if x is None:  # Ctrl-C: checkpoint at this step boundary, then stop as interrupted
                 self.save(ep, seconds=ep.elapsed())
                 tqdm.write(f"interrupted: {self.ckpt_path} holds step {self.step} (epoch {epoch + 1}, batch "
-                           f"{ep.done}); the same command with --resume continues from there")
+                           f"{ep.done}); the same command continues from there")
                 raise KeyboardInterrupt
             self._train_step(ep, x, y, bar)
             stop = self.max_steps is not None and self.step >= self.max_steps
@@ -433,21 +434,29 @@ class Trainer:
             skipped_videos=skipped)
 
 
-def _check_run_folder(run: Path, cfg: TrainConfig, resume: bool) -> None:
-    """Before any computation: a new run never overwrites a run, a resume continues the same run."""
+def _check_run_folder(run: Path, cfg: TrainConfig, resume: bool | None) -> bool:
+    """Before any computation: whether to continue the run in ``run`` (see :func:`abnn.training.
+    loop.train`); a new run never overwrites a run, a continued run has the same settings."""
     ckpt = run / "checkpoint.pt"
+    if resume is None:
+        resume = ckpt.is_file()
+        if not resume and (run / "model.pt").is_file():
+            raise AbnnError(f"run folder {run} holds a run without checkpoint.pt to continue; pass --fresh to train "
+                            "it again there, or choose a new --out")
     if not resume:
         if ckpt.is_file() or (run / "model.pt").is_file():
-            raise AbnnError(f"run folder {run} already holds a run; pass --resume to continue it or choose a new --out")
-        return
+            raise AbnnError(f"run folder {run} already holds a run; leave out resume=False to continue it, pass "
+                            "--fresh to start it over, or choose a new --out")
+        return False
     if not ckpt.is_file():
         raise AbnnError(f"--resume: {run} holds no checkpoint.pt, so there is nothing to continue; "
-                        "start the run without --resume")
+                        "leave out --resume (a run continues by default when there is something to continue)")
     if not (run / "config.json").is_file():
-        raise AbnnError(f"--resume: {run} holds checkpoint.pt but no config.json, so its settings cannot be checked; "
-                        "train into a new --out")
-    check_same_run(run, cfg, fix="--resume continues a run only with its recorded settings: pass those, "
-                                 "or train into a new --out")
+        raise AbnnError(f"{run} holds checkpoint.pt but no config.json, so its settings cannot be checked; "
+                        "pass --fresh to start the run over, or train into a new --out")
+    check_same_run(run, cfg, fix="a run continues only with its recorded settings: pass those, --fresh to start "
+                                 "it over, or train into a new --out")
+    return True
 
 
 def _until_interrupt(batches, *, enabled: bool):
