@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Attack, AttackOptionError, FirstFooled, UnsupportedModelError, check_budget, check_count
+from .registry import build_attack
 
-__all__ = ["StatisticsAttack", "Transfer", "TransferAttack"]
+__all__ = ["StatisticsAttack", "Transfer"]
 
 
 def _check_abnn(model: nn.Module) -> None:
@@ -187,8 +188,6 @@ class Transfer(Attack):
                 raise AttackOptionError("attack options go into the factory when attack is a callable")
             self.inner = attack(source)
         else:
-            from .registry import build_attack  # the registry builds transfer attacks with this class
-
             self.inner = build_attack(attack, source, seed=seed, **attack_kwargs)
         if not isinstance(self.inner, Attack):
             raise UnsupportedModelError(f"the attack factory must return an abnn Attack, got {type(self.inner).__name__}")
@@ -201,6 +200,3 @@ class Transfer(Attack):
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         return self.inner(x, y)
 
-
-#: the long name of :class:`Transfer`
-TransferAttack = Transfer

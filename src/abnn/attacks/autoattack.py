@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Attack, AttackOptionError, check_budget, check_choice, check_count
+from .registry import build_attack
 
 __all__ = ["AutoAttack"]
 
@@ -111,8 +112,6 @@ class AutoAttack(Attack):
 
     def component(self, name: str) -> Attack:
         """The configured component attack ``name`` (one of ``ATTACKS``), built by the registry."""
-        from .registry import build_attack  # the registry registers this class too
-
         return build_attack(name, self.model, **self.component_options(name), seed=self.seed,
                                 channels_last=self.channels_last, amp=self.amp)
 
