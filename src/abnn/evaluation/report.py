@@ -9,9 +9,9 @@ from pathlib import Path
 
 from ..attacks.pgd import FIRST_FOOLING, FIRST_FOOLING_NOTE
 from ..config import write_json_atomic
+from ..plotting import pyplot
 from .results import SuiteResult
 
-os.environ.setdefault("MPLBACKEND", "Agg")
 
 __all__ = ["write_suite_report", "suite_markdown"]
 
@@ -22,7 +22,7 @@ def _pct(v: float | None) -> str:
 
 def _curve_png(xs: list[float], ys: list[float], path: Path, xlabel: str, title: str, *,
                mark: float | None = None) -> None:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(4.8, 3.2), dpi=100)
     pos = list(range(len(xs)))  # evenly spaced points, labelled with the values (eps and steps grow ~x2)
