@@ -134,7 +134,6 @@ class Attack:
             x_adv = x_adv.contiguous()
         return x_adv
 
-    forward = __call__
 
     def precision(self, device: torch.device) -> contextlib.AbstractContextManager:
         """float32 (autocast off) unless ``amp`` asks for a mixed-precision dtype."""

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from ..attacks.pgd import FIRST_FOOLING, FIRST_FOOLING_NOTE
-from ..config import write_json_atomic
+from ..files import write_json_atomic
 from ..plotting import pyplot
 from .results import SuiteResult
 

@@ -410,7 +410,8 @@ def evaluate_run(run_dir: str | os.PathLike, *, attacks: Sequence[str | AttackSp
     (default ``run_dir/eval.json``).  ``sources`` values may be modules or run folders.  Resumable
     through ``attack-progress.pt`` beside ``out`` (``resume=False`` discards it first); one of
     other settings, weights or data is refused."""
-    from ..config import run_identity, write_json_atomic
+    from ..config import run_identity
+    from ..files import write_json_atomic
     from ..data import load_dataset
     from ..runs import load_run, training_cut_short
 
