@@ -193,12 +193,18 @@ def test_honest_model_curves_and_pass(honest_suite) -> None:
     at_eps = [r for r in res.attacks.values() if r.eps == 16 / 255]
     assert res.worst.robust_acc <= min(r.robust_acc for r in at_eps)
     assert res.recheck_acc == pytest.approx(res.worst.robust_acc)
-    assert {"pgd-5", "pgd-5x1", "apgd-ce", "apgd-dlr", "apgd-t", "square", "autoattack", "transfer-other"} <= set(res.attacks)
+    assert {"pgd-5", "pgd-5x1", "autoattack", "autoattack/apgd-ce", "autoattack/apgd-dlr", "autoattack/apgd-t",
+            "autoattack/square", "transfer-other"} <= set(res.attacks)
+    # the ensemble runs AutoAttack's way: robust after each component, in its running order
+    parts = [r for r in res.attacks.values() if r.part_of == "autoattack"]
+    assert [r.attack for r in parts] == ["apgd-ce", "apgd-t", "apgd-dlr", "square"]
+    assert all(b.robust_acc <= a.robust_acc for a, b in zip(parts, parts[1:]))
+    assert res.attacks["autoattack"].robust_acc == parts[-1].robust_acc and res.attacks["autoattack"].kind == "ensemble"
     for f in ("suite.json", "suite.md", "eps_curve.png", "steps_curve.png"):
         assert (out / f).is_file(), f
     assert json.loads((out / "suite.json").read_text())["verdict"] == "PASS"
     md = (out / "suite.md").read_text()
-    assert "Verdict: **PASS**" in md and "| square |" in md and "worst case" in md
+    assert "Verdict: **PASS**" in md and "| autoattack/square |" in md and "worst case" in md
 
 
 def test_interrupted_suite_resumes_to_the_same_results(models, honest_suite, tmp_path, monkeypatch) -> None:
@@ -219,7 +225,7 @@ def test_interrupted_suite_resumes_to_the_same_results(models, honest_suite, tmp
     assert progress.is_file() and not (tmp_path / "a" / "suite.json").exists()
 
     res = run_suite(models["honest"], (models["x"], models["y"]), out_dir=tmp_path / "a", **kwargs)
-    assert res.evaluation.resumed == ["pgd-5", "pgd-5x1", "apgd-ce", "apgd-dlr", "apgd-t"]
+    assert res.evaluation.resumed == ["pgd-5", "pgd-5x1"]  # killed inside the autoattack ensemble
     assert not progress.exists()  # a complete suite needs no progress file
     assert res.evaluation.clean_acc == reference.evaluation.clean_acc
     for key in ("robust_acc", "eps_curve", "steps_curve", "verdict", "masking"):
@@ -246,9 +252,11 @@ def test_masked_model_is_suspect(models, tmp_path) -> None:
     assert all(f.startswith("possible gradient masking") for f in res.flags)
     assert "at eps 64/255" in flags  # the eps sweep does not reach 0%
     assert "exactly zero" in flags  # the gradient is zero
-    assert "gradient-free square" in flags  # Square breaks samples no white-box gradient attack breaks
+    assert "gradient-free autoattack/square" in flags  # Square breaks samples no white-box gradient attack breaks
     assert "transfer attack transfer-honest" in flags  # so does a transfer from the unmasked model
-    assert res.attacks["square"].robust_acc < res.attacks["apgd-ce"].robust_acc == res.evaluation.clean_acc
+    aa = res.attacks
+    assert aa["autoattack/square"].robust_acc < aa["autoattack/apgd-ce"].robust_acc == res.evaluation.clean_acc
+    assert aa["autoattack"].robust_acc == aa["autoattack/square"].robust_acc
     assert "Verdict: **SUSPECT**" in (tmp_path / "suite.md").read_text()
 
 

@@ -2,9 +2,10 @@
 
 One input runs through both models.  After each named stage of the target, an adaptive BN
 layer (eq. 2) replaces the stage output ``z_t`` by ``AdaptiveBN(z_t, z_s)``, where ``z_s`` is the
-substitute's feature at the paired tap.  The substitute is frozen (eval mode, no parameter
-gradients, never updated) but stays inside the autograd graph with respect to the input, so a
-white-box attacker differentiates through target, substitute and statistics alike.
+substitute's feature at the paired tap (:meth:`ABNN._adapt_stage`, the one place where ``z_s``
+enters the target).  The substitute is frozen (eval mode, no parameter gradients, never updated)
+but stays inside the autograd graph with respect to the input, so a white-box attacker
+differentiates through target, substitute and statistics alike.
 
 Weaker threat models (forensics, issue 19): :meth:`ABNN.gradient_protocol` changes what an
 attacker's gradient goes through -- the substitute's features, only their moments, only the
@@ -169,12 +170,15 @@ class ABNN(nn.Module):
         self.encoder = encoder
         self.substitute_std = substitute_std
 
-        self._pending: dict[str, tuple[Tensor, Tensor]] | None = None
+        # the substitute's features of the current forward pass, per target stage, until the
+        # stage has taken them (see _adapt_stage); None outside a forward pass
+        self._z_s_by_stage: dict[str, tuple[Tensor, Tensor]] | None = None
         self._protocol: GradientProtocol | None = None
+        # z_s enters the target here: after each paired stage, _adapt_stage applies eq. (2).
         # Bound-method partials (not closures), so that copy.deepcopy(abnn) rebinds the hooks
         # to the copy instead of the original.
         for name in self.target_stages:
-            modules_t[name].register_forward_hook(functools.partial(self._stage_hook, name))
+            modules_t[name].register_forward_hook(functools.partial(self._adapt_stage, name))
 
     # -- the substitute -------------------------------------------------------------------------
     def substitute_features(self, x: Tensor) -> list[Tensor]:
@@ -193,17 +197,28 @@ class ABNN(nn.Module):
         return [captured[n] for n in self.substitute_taps]
 
     # -- the target with adaptive layers ----------------------------------------------------------
-    def _stage_hook(self, name: str, module: nn.Module, inputs, output: Tensor) -> Tensor:
-        if self._pending is None:
+    def _adapt_stage(self, name: str, module: nn.Module, inputs: tuple[Tensor, ...], z_t: Tensor) -> Tensor:
+        """Where the substitute's features enter the target: eq. (2) at target stage ``name``.
+
+        A forward hook on the stage (registered in ``__init__``) replaces its output ``z_t`` by
+
+            z'_t = gamma_s [ sigma(z_s) (z_t - mu(z_t)) / sigma(z_t) + mu(z_s) ] + beta_s,
+
+        the stage's adaptive layer ``self.adaptive[name]``, with ``mu(z_s), sigma(z_s)`` from the
+        substitute feature ``z_s`` at the paired tap and ``gamma_s, beta_s`` from that layer's
+        AdaIN encoder of ``z_s``.  :meth:`target_forward` hands each stage its ``z_s`` (two
+        tensors: the one for the moments and the one for the encoder, which differ only under
+        :meth:`gradient_protocol`) for exactly one forward pass of the target."""
+        if self._z_s_by_stage is None:
             raise RuntimeError(
                 f"stage {name!r} of an ABNN target ran without substitute features: call the ABNN "
                 "module, not abnn.target directly"
             )
         try:
-            z_stats, z_enc = self._pending.pop(name)
+            z_s_stats, z_s_encoder = self._z_s_by_stage.pop(name)
         except KeyError:
             raise RuntimeError(f"stage {name!r} ran twice in one forward; ABNN stages must run once") from None
-        return self.adaptive[name.replace(".", "_")](output, z_stats, z_enc)
+        return self.adaptive[name.replace(".", "_")](z_t, z_s_stats, z_s_encoder)
 
     def forward(self, x: Tensor, *, substitute_input: Tensor | None = None) -> Tensor:
         """Logits of eq. (2)'s framework on ``x`` (pixels in [0, 1]).
@@ -239,11 +254,11 @@ class ABNN(nn.Module):
         if len(stats_features) != len(self.target_stages) or len(encoder_features) != len(self.target_stages):
             raise ValueError(f"need {len(self.target_stages)} substitute features per kind, got "
                              f"{len(stats_features)} and {len(encoder_features)}")
-        self._pending = dict(zip(self.target_stages, zip(stats_features, encoder_features)))
+        self._z_s_by_stage = dict(zip(self.target_stages, zip(stats_features, encoder_features)))
         try:
-            return self.target(x)
+            return self.target(x)  # each paired stage takes its z_s in _adapt_stage (eq. (2))
         finally:
-            self._pending = None
+            self._z_s_by_stage = None
 
     # -- weaker threat models -----------------------------------------------------------------------
     def type_a_shortcuts(self) -> list[ZeroPadShortcut]:

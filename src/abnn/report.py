@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from .attacks.pgd import FIRST_FOOLING_NOTE
+from .plotting import pyplot
 
-os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 def _pct(v: float | None) -> str:
@@ -34,7 +34,7 @@ def _paper(v) -> str:
 
 
 def figure_accuracy(records: list[dict], path: Path, title: str) -> None:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = [r["name"] for r in records]
     series = [("clean", [r["clean_acc"] for r in records]),
@@ -69,7 +69,7 @@ def figure_accuracy(records: list[dict], path: Path, title: str) -> None:
 
 
 def figure_cost(records: list[dict], path: Path, title: str) -> None:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = [r["name"] for r in records]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(6.4, 2.8), dpi=100)
@@ -93,7 +93,7 @@ def figure_cost(records: list[dict], path: Path, title: str) -> None:
 
 def figure_examples(ex: dict, path: Path, magnify: float = 15.0) -> None:
     """Rows: clean, PGD perturbation x``magnify`` (around gray), PGD example, ROA example."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     x, x_pgd, x_roa = ex["x"], ex["x_pgd"], ex["x_roa"]
     names = ex.get("class_names") or [str(i) for i in range(int(ex["y"].max()) + 1)]
@@ -245,7 +245,7 @@ def write_table1_report(out: Path, results: dict, examples_path: Path | None = N
 
 def figure_video_examples(ex: dict, path: Path, frames: int = 4, magnify: float = 15.0) -> None:
     """A few frames of one clip: clean, PGD perturbation x``magnify``, PGD, ROA."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     x, x_pgd, x_roa = ex["x"][0], ex["x_pgd"][0], ex["x_roa"][0]          # (C, T, H, W)
     t_idx = torch.linspace(0, x.shape[1] - 1, min(frames, x.shape[1])).round().long().tolist()

@@ -4,14 +4,13 @@ and the substitute-strength study (``substitute_study.png``), each with ``report
 from __future__ import annotations
 
 import datetime as _dt
-import os
 from pathlib import Path
 
 from .attacks.pgd import FIRST_FOOLING, FIRST_FOOLING_NOTE
+from .plotting import pyplot
 from .report import overrides_lines
 from .reproduce.frontier import MATCH_TOLERANCE
 
-os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 def _pct(v: float | None) -> str:
@@ -43,7 +42,7 @@ def _header(title: str, summary: dict) -> list[str]:
 def figure_frontier(records: list[dict], path: Path, title: str, clock: str = "train_seconds") -> None:
     """Clean and worst-case robust accuracy against measured training time (by ``clock``, the
     one the cost matching used) and against the total counted cost, one labelled point per method."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=100)
     time_label = "training time (min, process CPU time)" if clock == "train_cpu_seconds" else "training time (min, wall)"
@@ -73,7 +72,7 @@ def figure_frontier(records: list[dict], path: Path, title: str, clock: str = "t
 
 def figure_robust_epochs(records: list[dict], path: Path, title: str) -> None:
     """The per-epoch PGD-5 accuracy on held-out images of every run that recorded one."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.4), dpi=100)
     for r in records:
@@ -212,7 +211,7 @@ def write_frontier_report(out: Path, summary: dict) -> None:
 def figure_substitute_study(records: list[dict], path: Path, title: str) -> None:
     """ABNN's PGD-5 and worst-case robust accuracy (and, for scale, its clean accuracy) against
     its substitute's own accuracy, on the full 0-100% scale."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=100)
     for i, r in enumerate(records):

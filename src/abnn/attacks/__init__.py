@@ -12,16 +12,17 @@ from .official import MissingPackageError, OfficialAutoAttack
 from .pgd import PGD
 from .roa import ROA
 from .square import Square
-from .adaptive import StatisticsAttack, Transfer, TransferAttack
+from .adaptive import StatisticsAttack, Transfer
 from .protocols import ProtocolAttack
 from .registry import (BLACK_BOX, ENSEMBLE, PROTOCOL, REGISTRY, TRANSFER, WHITE_BOX, AttackEntry, AttackSpec, EpsRatio,
                        attack_defaults, build_attack, default_eps, describe_attacks, parse_bool, parse_pixel_budget,
                        parse_spec, register, resolve_options, unregister)
+from . import builtin  # noqa: F401  (registers the built-in attacks)
 
 __all__ = ["Attack", "AttackOptionError", "FirstFooled", "InvalidInputError", "UnsupportedModelError", "check_budget",
            "check_count", "MissingPackageError"]
 __all__ += ["PGD", "ROA", "APGD", "APGDT", "Square", "AutoAttack", "OfficialAutoAttack"]
-__all__ += ["StatisticsAttack", "Transfer", "TransferAttack", "ProtocolAttack"]
+__all__ += ["StatisticsAttack", "Transfer", "ProtocolAttack"]
 __all__ += ["REGISTRY", "AttackEntry", "AttackSpec", "EpsRatio", "WHITE_BOX", "BLACK_BOX", "TRANSFER", "ENSEMBLE",
             "PROTOCOL",
             "attack_defaults", "build_attack", "default_eps", "describe_attacks", "parse_bool", "parse_pixel_budget",

@@ -23,12 +23,13 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Attack, AttackOptionError, FirstFooled, UnsupportedModelError, check_budget, check_count
+from .base import Attack, AttackOptionError, UnsupportedModelError
+from .pgd import PGD
+from .registry import build_attack
 
-__all__ = ["StatisticsAttack", "Transfer", "TransferAttack"]
+__all__ = ["StatisticsAttack", "Transfer"]
 
 
 def _check_abnn(model: nn.Module) -> None:
@@ -38,7 +39,7 @@ def _check_abnn(model: nn.Module) -> None:
                                         f"{type(model).__name__}. For a model without adaptive layers use PGD")
 
 
-class StatisticsAttack(Attack):
+class StatisticsAttack(PGD):
     """L-inf PGD on ``CE + weight * D``, where ``D`` measures how far the substitute's statistics
     at the adversarial input are from their clean values (an adaptive attack in the sense of
     Croce et al., ICML 2022 and Athalye et al., ICML 2018)::
@@ -56,9 +57,10 @@ class StatisticsAttack(Attack):
     forward and one backward pass of the framework; the gradient flows through target, substitute
     and statistics alike.
 
-    ``weight = 0`` is plain PGD; a large weight makes it a pure statistics attack.  Returns, per
-    sample, the first iterate that was misclassified (the combined loss need not keep a sample
-    misclassified), else the last iterate.
+    It is :class:`~abnn.attacks.PGD` (one restart, first fooling iterate) with this objective
+    (:meth:`objective`): ``weight = 0`` is plain PGD; a large weight makes it a pure statistics
+    attack.  Returns, per sample, the first iterate that was misclassified (the combined loss need
+    not keep a sample misclassified), else the last iterate.
 
     Args:
         model: an :class:`~abnn.framework.ABNN`.
@@ -77,15 +79,13 @@ class StatisticsAttack(Attack):
     def __init__(self, model: nn.Module, *, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 50,
                  weight: float = 1.0, random_start: bool = True, seed: int | None = None,
                  channels_last: bool | None = None, amp: torch.dtype | None = None) -> None:
-        super().__init__(model, seed=seed, channels_last=channels_last, amp=amp)
         _check_abnn(model)
-        self.eps = check_budget("eps", eps)
-        self.alpha = check_budget("alpha", alpha, positive=True)
-        self.steps = check_count("steps", steps, minimum=0)
+        super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start, seed=seed,
+                         channels_last=channels_last, amp=amp)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
             raise AttackOptionError(f"weight must be a finite number >= 0, got {weight!r}")
         self.weight = float(weight)
-        self.random_start = bool(random_start)
+        self._clean: list[list[Tensor]] | None = None  # the clean statistics of the batch under attack
 
     # the statistics ---------------------------------------------------------------------------
     def _layers(self) -> list[nn.Module]:
@@ -129,29 +129,20 @@ class StatisticsAttack(Attack):
         stats = [self._stats(layer, *captured[i]) for i, layer in enumerate(layers)]
         return logits, stats
 
-    # the attack ---------------------------------------------------------------------------------
+    # the attack: PGD on this objective --------------------------------------------------------
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
-        gen = self.generator(x.device)
-        clean = self.clean_statistics(x) if self.weight > 0 else None
-        lower, upper = (x - self.eps).clamp(min=0), (x + self.eps).clamp(max=1)
-        if self.random_start:
-            noise = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-            x_adv = torch.clamp(x + noise.mul_(2 * self.eps).sub_(self.eps), 0, 1)
-        else:
-            x_adv = x.clone()
-        track = FirstFooled(x_adv, y)
-        for _ in range(self.steps):
-            xg = x_adv.detach().requires_grad_(True)
-            if clean is None:
-                logits = self.model(xg)
-                loss = F.cross_entropy(logits, y, reduction="sum")
-            else:
-                logits, stats = self._forward_with_stats(xg)
-                loss = F.cross_entropy(logits, y, reduction="sum") + self.weight * self.statistics_distance(stats, clean)
-            (grad,) = torch.autograd.grad(loss, xg)
-            track.update(x_adv, logits.detach())
-            x_adv = torch.maximum(torch.minimum(x_adv + self.alpha * grad.sign(), upper), lower)
-        return track.result(x_adv)
+        self._clean = self.clean_statistics(x) if self.weight > 0 else None
+        try:
+            return super().perturb(x, y)
+        finally:
+            self._clean = None
+
+    def objective(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``CE + weight * D`` at ``x`` and the logits, from one forward pass of the framework."""
+        if self._clean is None:
+            return super().objective(x, y)
+        logits, stats = self._forward_with_stats(x)
+        return self.loss(logits, y) + self.weight * self.statistics_distance(stats, self._clean), logits
 
 
 class Transfer(Attack):
@@ -187,8 +178,6 @@ class Transfer(Attack):
                 raise AttackOptionError("attack options go into the factory when attack is a callable")
             self.inner = attack(source)
         else:
-            from .registry import build_attack  # the registry builds transfer attacks with this class
-
             self.inner = build_attack(attack, source, seed=seed, **attack_kwargs)
         if not isinstance(self.inner, Attack):
             raise UnsupportedModelError(f"the attack factory must return an abnn Attack, got {type(self.inner).__name__}")
@@ -201,6 +190,3 @@ class Transfer(Attack):
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         return self.inner(x, y)
 
-
-#: the long name of :class:`Transfer`
-TransferAttack = Transfer

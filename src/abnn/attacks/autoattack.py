@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Attack, AttackOptionError, check_budget, check_choice, check_count
+from .registry import build_attack
 
 __all__ = ["AutoAttack"]
 
@@ -53,6 +54,8 @@ class AutoAttack(Attack):
     The per-attack numbers come from forward passes on the sub-batch each attack ran on; "final"
     re-evaluates the whole returned batch, which only differs for batch-dependent models (e.g.
     batch statistics at test time) — report "final" for those, and also evaluate at batch size 1.
+    ``last_robust_after`` holds the same per sample: component name -> (B,) bool, robust after
+    that component and every one before it (the runner makes rows of them).
 
     Args:
         model: maps [0, 1] inputs (images or clips) to logits (B, K).
@@ -91,9 +94,10 @@ class AutoAttack(Attack):
             n_target_classes = check_count("n_target_classes", n_target_classes, minimum=1)
         self.n_target_classes = n_target_classes
         self.last_report: dict[str, Any] = {}
+        self.last_robust_after: dict[str, Tensor] = {}
 
     def settings(self) -> dict[str, Any]:
-        return {k: v for k, v in super().settings().items() if k != "last_report"}
+        return {k: v for k, v in super().settings().items() if k not in ("last_report", "last_robust_after")}
 
     def component_options(self, name: str) -> dict[str, Any]:
         """The options of component ``name`` in this ensemble (the suite runs the same settings)."""
@@ -111,8 +115,6 @@ class AutoAttack(Attack):
 
     def component(self, name: str) -> Attack:
         """The configured component attack ``name`` (one of ``ATTACKS``), built by the registry."""
-        from .registry import build_attack  # the registry registers this class too
-
         return build_attack(name, self.model, **self.component_options(name), seed=self.seed,
                                 channels_last=self.channels_last, amp=self.amp)
 
@@ -125,6 +127,7 @@ class AutoAttack(Attack):
         x_out = x.clone()
         report: dict[str, Any] = {"clean": robust.float().mean().item()}
         skipped: list[str] = []
+        robust_after: dict[str, Tensor] = {}
         for name in self.attacks:
             if k < MIN_CLASSES[name]:
                 skipped.append(name)
@@ -137,9 +140,10 @@ class AutoAttack(Attack):
                 x_out[idx] = torch.where(fooled.view((-1,) + (1,) * (x.dim() - 1)), xa, x_out[idx])
                 robust[idx] = ~fooled
             report[name] = robust.float().mean().item()
+            robust_after[name] = robust.clone()
         with torch.no_grad():
             report["final"] = (self.model(x_out).argmax(1) == y).float().mean().item()
         report["n"] = b
         report["skipped"] = skipped
-        self.last_report = report
+        self.last_report, self.last_robust_after = report, robust_after
         return x_out

@@ -134,7 +134,6 @@ class Attack:
             x_adv = x_adv.contiguous()
         return x_adv
 
-    forward = __call__
 
     def precision(self, device: torch.device) -> contextlib.AbstractContextManager:
         """float32 (autocast off) unless ``amp`` asks for a mixed-precision dtype."""
@@ -163,11 +162,18 @@ class Attack:
         """Cross-entropy summed over the batch (the sum keeps per-sample gradients unscaled)."""
         return F.cross_entropy(logits, y, reduction="sum")
 
-    def input_grad(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Gradient of :meth:`loss` w.r.t. ``x`` (a leaf copy is made) and the logits."""
-        x = x.detach().requires_grad_(True)
+    def objective(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The loss the attack ascends at ``x`` and the logits of the same forward pass: by default
+        :meth:`loss` of ``model(x)``.  An attack that ascends something else (a term on the
+        model's internals, a loss on part of the batch) overrides this, not its step loop."""
         logits = self.model(x)
-        (grad,) = torch.autograd.grad(self.loss(logits, y), x)
+        return self.loss(logits, y), logits
+
+    def input_grad(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Gradient of :meth:`objective` w.r.t. ``x`` (a leaf copy is made) and the logits."""
+        x = x.detach().requires_grad_(True)
+        loss, logits = self.objective(x, y)
+        (grad,) = torch.autograd.grad(loss, x)
         return grad, logits.detach()
 
     @staticmethod
@@ -187,9 +193,9 @@ class Attack:
             raise InvalidInputError(f"x must be pixels in [0, 1] (normalisation belongs inside the model); got range [{lo:.3g}, {hi:.3g}]")
 
     def settings(self) -> dict[str, Any]:
-        """The attack's settings (for reports)."""
+        """The attack's settings (for reports): its public attributes but the model."""
         return {k: v for k, v in vars(self).items()
-                if k != "model" and not (k in ("channels_last", "amp") and v is None)}
+                if k != "model" and not k.startswith("_") and not (k in ("channels_last", "amp") and v is None)}
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={_fmt(v) if k in ('eps', 'alpha') else repr(v)}" for k, v in self.settings().items())

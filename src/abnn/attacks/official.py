@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 from types import ModuleType
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -66,9 +65,6 @@ class OfficialAutoAttack(Attack):
         module = import_official_autoattack()
         self.package = f"{module.__name__} {getattr(module, '__version__', '')}".strip()
         self._module = module
-
-    def settings(self) -> dict[str, Any]:
-        return {k: v for k, v in super().settings().items() if k != "_module"}
 
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         if x.dim() != 4:

@@ -37,6 +37,12 @@ class PGD(Attack):
         first_fooling: keep the first fooling iterate per sample (default) or the last iterate.
         seed, channels_last, amp: see :class:`~abnn.attacks.base.Attack`.
 
+    The step loop is this class's alone; a variant changes what it ascends and where, through two
+    hooks: :meth:`~abnn.attacks.base.Attack.objective` (the loss and the logits of one forward
+    pass; the statistics attack adds a term on the substitute's statistics) and :meth:`region`
+    (where the input may change, per sample or per pixel; the batch-poisoning check perturbs
+    only the first k samples of a batch).
+
     Example::
 
         atk = PGD(model, eps=8/255, alpha=2/255, steps=5)
@@ -74,19 +80,31 @@ class PGD(Attack):
             fooled[idx[now]] = True
         return x_adv
 
+    def region(self, x: Tensor, y: Tensor) -> Tensor | None:
+        """Where the attack may change the batch ``x``: ``None`` (default) for everywhere, else a
+        boolean tensor broadcastable to ``x``, e.g. (B, 1, 1, 1) per sample or (1, 1, H, W) per
+        pixel.  Outside it the random start and every step are exactly zero.  Asked once per run,
+        of the batch that run attacks (a restart attacks the samples not fooled yet)."""
+        return None
+
     def _run(self, x: Tensor, y: Tensor, gen: torch.Generator | None) -> tuple[Tensor, Tensor]:
         """One run: the returned point and whether an iterate before the last fooled the model."""
+        region = self.region(x, y)
         lower, upper = (x - self.eps).clamp_(min=0), (x + self.eps).clamp_(max=1)
         if self.random_start:
             noise = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
             x_adv = torch.clamp(x + noise.mul_(2 * self.eps).sub_(self.eps), 0, 1)
         else:
             x_adv = x.clone()
+        if region is not None:
+            x_adv = torch.where(region, x_adv, x)
         track = FirstFooled(x_adv, y) if self.first_fooling else None
         for _ in range(self.steps):
             grad, logits = self.input_grad(x_adv, y)
             if track is not None:
                 track.update(x_adv, logits)
+            if region is not None:
+                grad.masked_fill_(~region, 0)  # a zero step: those pixels keep the values of x
             x_adv = torch.maximum(torch.minimum(x_adv.add_(grad.sign_(), alpha=self.alpha), upper), lower)
         if track is None:
             return x_adv, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..framework import ABNN, PROTOCOLS, ProtocolView
 from .base import Attack, AttackOptionError, UnsupportedModelError
+from .registry import PROTOCOL, build_attack, get_entry
 
 __all__ = ["ProtocolAttack"]
 
@@ -52,8 +53,6 @@ class ProtocolAttack(Attack):
     def __init__(self, model: nn.Module, *, protocol: str, attack: str = "pgd", seed: int | None = None,
                  channels_last: bool | None = None, amp: torch.dtype | None = None, **options: Any) -> None:
         super().__init__(model, seed=seed, channels_last=channels_last, amp=amp)
-        from .registry import PROTOCOL, build_attack, get_entry
-
         if protocol not in PROTOCOLS:
             raise AttackOptionError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
         if not isinstance(model, ABNN):

@@ -9,7 +9,9 @@ An attack's defaults are the keyword defaults of its class, so ``PGD(model)`` an
 ``build_attack("pgd", model)`` are the same attack; an entry states only what differs from them:
 the video defaults of METHOD.md s. 4 (eps 1/255, alpha eps/4) and, for transfer attacks, where
 the source comes from.  :func:`register` adds an attack; it then appears in
-``abnn evaluate --attack`` and ``--list-attacks``, in the runner and in the suites.
+``abnn evaluate --attack`` and ``--list-attacks``, in the runner and in the suites.  This module
+is the mechanism only and imports no attack; the built-in entries are in
+:mod:`abnn.attacks.builtin`, registered when :mod:`abnn.attacks` is imported.
 
 Units: in the API, ``eps`` and ``alpha`` are fractions of the pixel range (``eps=8/255``).  In
 spec strings and on the command line they count in 1/255 of the pixel range: ``eps=8`` and
@@ -27,15 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from .adaptive import StatisticsAttack, Transfer
-from .apgd import APGD, APGDT
-from .autoattack import AutoAttack
-from .base import Attack, AttackOptionError, UnsupportedModelError, _fmt
-from .official import OfficialAutoAttack
-from .pgd import PGD
-from .protocols import ProtocolAttack
-from .roa import ROA
-from .square import Square
+from .base import Attack, AttackOptionError, _fmt
 
 __all__ = ["AttackEntry", "AttackSpec", "EpsRatio", "REGISTRY", "BLACK_BOX", "ENSEMBLE", "PROTOCOL", "TRANSFER",
            "WHITE_BOX",
@@ -335,80 +329,3 @@ def describe_attacks() -> str:
         if entry.requires:
             lines.append(f"    needs {entry.requires}")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------- entries
-
-
-def _build_transfer(model: nn.Module, *, video: bool, source: nn.Module | None = None, attack: str = "pgd",
-                    seed: int | None = None, channels_last: bool | None = None, amp: Any = None,
-                    **options: Any) -> Attack:
-    if not isinstance(source, nn.Module):
-        raise AttackOptionError("the transfer attack needs a source model: source=<nn.Module> in Python, "
-                                "--source [NAME=]RUN on the command line")
-    inner = build_attack(attack, source, video=video, seed=seed, channels_last=channels_last, amp=amp, **options)
-    out = Transfer(model, source=source, attack=lambda src: inner, seed=seed)
-    out.attack = attack
-    return out
-
-
-def _build_transfer_bn(model: nn.Module, *, video: bool, **options: Any) -> Attack:
-    from ..framework import replace_adaptive_with_bn  # the source is made from the model under attack
-
-    if not hasattr(model, "adaptive") or not hasattr(model, "target_stages"):
-        raise UnsupportedModelError(f"transfer-bn transfers from an ABNN's target with plain BatchNorm; "
-                                    f"{type(model).__name__} has no adaptive layers (use transfer with --source)")
-    source = replace_adaptive_with_bn(model).eval()
-    return _build_transfer(model, video=video, source=source, **options)
-
-
-def _protocol_builder(protocol: str) -> Callable[..., Attack]:
-    def build(model: nn.Module, *, video: bool, source: Any = None, **options: Any) -> Attack:
-        if source is not None:
-            raise AttackOptionError(f"protocol {protocol} attacks the model itself; it takes no source")
-        return ProtocolAttack(model, protocol=protocol, **options)
-    return build
-
-
-#: (registry name, protocol of abnn.framework.PROTOCOLS, summary)
-_PROTOCOL_ENTRIES = (
-    ("pgd-target-only", "target-only", "PGD with the substitute's features held constant (mu_s, sigma_s, gamma_s, "
-     "beta_s detached; paper s. 3.1 'the adversary focuses more on the target model')"),
-    ("pgd-no-encoder-grad", "no-encoder-grad", "PGD with only the AdaIN encoder outputs (gamma_s, beta_s) detached"),
-    ("pgd-no-stats-grad", "no-stats-grad", "PGD with only the substitute moments (mu_s, sigma_s) detached"),
-    ("pgd-clean-substitute", "clean-substitute", "PGD with the substitute fed the clean image while crafting"),
-    ("pgd-train-bn", "train-bn", "PGD with the target's BatchNorm on batch statistics while crafting"),
-    ("pgd-typeA-detach", "typeA-detach", "PGD with the substitute's type-A shortcuts detached (the authors' code)"),
-)
-
-_VIDEO_PGD = {"eps": 1 / 255, "alpha": EpsRatio(4)}
-
-for _entry in (
-    AttackEntry("pgd", PGD, "L-inf PGD, cross-entropy (Madry et al., ICLR 2018); the paper's attack", video=_VIDEO_PGD),
-    AttackEntry("apgd-ce", APGD, "Auto-PGD on the cross-entropy (Croce & Hein, ICML 2020)", fixed={"loss": "ce"}),
-    AttackEntry("apgd-dlr", APGD, "Auto-PGD on the DLR loss (Croce & Hein, ICML 2020); needs >= 3 classes",
-                fixed={"loss": "dlr"}),
-    AttackEntry("apgd-t", APGDT, "targeted Auto-PGD, targeted DLR loss (Croce & Hein, ICML 2020); needs >= 4 classes"),
-    AttackEntry("square", Square, "Square Attack, gradient-free random search (Andriushchenko et al., ECCV 2020)",
-                kind=BLACK_BOX),
-    AttackEntry("roa", ROA, "rectangular occlusion sticker (Wu, Tong & Vorobeychik, ICLR 2020); the paper's s. 3.2",
-                norm=None, video={}),
-    AttackEntry("stats", StatisticsAttack, "PGD on CE + weight x shift of the substitute's statistics "
-                "(adaptive attack, Croce et al., ICML 2022)", video=_VIDEO_PGD, requires="an ABNN model"),
-    AttackEntry("transfer-bn", Transfer, "transfer from the ABNN target with plain BatchNorm (Athalye et al., 2018)",
-                kind=TRANSFER, inner=True, builder=_build_transfer_bn, requires="an ABNN model"),
-    AttackEntry("transfer", Transfer, "transfer from another model (Carlini et al. 2019, s. 4)", kind=TRANSFER,
-                inner=True, builder=_build_transfer, requires="source=NAME of a --source [NAME=]RUN"),
-    AttackEntry("autoattack", AutoAttack, "AutoAttack-style ensemble: APGD-CE, APGD-T, APGD-DLR (in FAB-T's "
-                "place), Square, sample-wise worst case (ours)", kind=ENSEMBLE),
-    AttackEntry("autoattack-official", OfficialAutoAttack, "the authors' AutoAttack, standard version: APGD-CE, "
-                "APGD-T, FAB-T, Square (Croce & Hein, ICML 2020)", kind=ENSEMBLE, images_only=True,
-                requires="pip install -e '.[autoattack]'"),
-):
-    register(_entry)
-
-for _name, _protocol, _summary in _PROTOCOL_ENTRIES:
-    register(AttackEntry(_name, ProtocolAttack, _summary + "; scored on the unmodified model", kind=PROTOCOL,
-                         inner=True, builder=_protocol_builder(_protocol), defaults={"attack": "pgd"},
-                         requires="an ABNN model" + (" whose substitute has type-A shortcuts"
-                                                     if _protocol == "typeA-detach" else "")))

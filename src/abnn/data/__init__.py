@@ -7,8 +7,8 @@ from .datasets import (
     load_cifar10,
     load_dataset,
     load_tinyimagenet32,
-    resolve_data_root,
 )
+from .roots import resolve_data_root
 from .loader import BatchLoader, augment_crop_flip
 from .ucf101 import (UCF101Clips, VideoDecodeError, collate_clips, decode_clip, decode_shared_videos,
                      load_shared_clips, parse_split, resolve_ucf101_root, sample_indices, ucf101_classes)

@@ -19,9 +19,8 @@ import torch
 from torch import Tensor
 
 from ..errors import AbnnError, DataNotFoundError
-
-ENV_VAR = "ABNN_DATA_ROOT"
-
+from .roots import ENV_VAR, read_npz, require_files, resolve_data_root
+from .ucf101 import UCF101Clips, load_shared_clips, sample_indices
 
 @dataclass
 class ImageData:
@@ -57,42 +56,8 @@ class ImageData:
         return self.x[idx].float().div_(255), self.y[idx]
 
 
-def resolve_data_root(data_root: str | os.PathLike | None = None) -> Path | None:
-    """``data_root`` if given, else ``$ABNN_DATA_ROOT``, else ``None``."""
-    root = data_root if data_root not in (None, "") else os.environ.get(ENV_VAR)
-    return Path(root).expanduser() if root else None
-
-
-def read_npz(path: str | os.PathLike, *keys: str) -> tuple[np.ndarray, ...]:
-    """The arrays ``keys`` of an ``.npz`` file, read at once; a truncated or corrupt file, or one
-    without these arrays, is one :class:`AbnnError` line naming it."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in keys if k not in z.files]
-            if missing:
-                raise AbnnError(f"{path} lacks the arrays {missing} (has {z.files}); is it the right file?")
-            return tuple(z[k] for k in keys)
-    except AbnnError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - zipfile, zlib, numpy and OS errors alike
-        msg = (str(exc).splitlines() or [""])[0] or type(exc).__name__
-        raise AbnnError(f"cannot read {path}: {msg} (truncated or corrupt file? copy it again)") from None
-
-
 def _nhwc_to_tensor(a: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
-
-
-def _need(root: Path | None, files: list[str], dataset: str, alternative: str = "") -> Path:
-    if root is None:
-        raise DataNotFoundError(
-            f"no data root for {dataset}: pass --data-root DIR or set {ENV_VAR}=DIR to a folder holding {', '.join(files)}"
-            + alternative
-        )
-    missing = [f for f in files if not (root / f).is_file()]
-    if missing:
-        raise DataNotFoundError(f"{dataset}: {', '.join(missing)} not found in data root {root}" + alternative)
-    return root
 
 
 def load_cifar10(split: str = "train", data_root: str | os.PathLike | None = None, *,
@@ -283,7 +248,7 @@ def load_tinyimagenet32(split: str = "train", data_root: str | os.PathLike | Non
     if split not in ("train", "val"):
         raise AbnnError(f"tinyimagenet32 split must be 'train' or 'val', got {split!r}")
     fname = f"tinyimagenet32_{split}.npz"
-    root = _need(resolve_data_root(data_root), [fname], "tinyimagenet32")
+    root = require_files(resolve_data_root(data_root), [fname], "tinyimagenet32")
     x, y, class_names = read_npz(root / fname, "x", "y", "class_names")
     return ImageData(_nhwc_to_tensor(x), torch.from_numpy(y), 200, f"tinyimagenet32-{split}",
                      tuple(str(s) for s in class_names))
@@ -294,8 +259,6 @@ def load_clips13(split: str = "train", data_root: str | os.PathLike | None = Non
     smoke runs of the video pipeline: ``frames`` frames sampled uniformly from each clip's 32,
     labels indexed over the sorted distinct label names (9 classes).  Train and test are the
     SAME 13 clips: accuracies on it mean nothing; it only exercises decoding, models, attacks."""
-    from .ucf101 import load_shared_clips, sample_indices
-
     if split not in ("train", "test"):
         raise AbnnError(f"clips13 split must be 'train' or 'test', got {split!r}")
     clips, labels = load_shared_clips(data_root)
@@ -309,8 +272,6 @@ def load_ucf101(split: str = "train", data_root: str | os.PathLike | None = None
                 ucf_split: int = 1):
     """UCF-101 split ``ucf_split`` (official layout, see :mod:`abnn.data.ucf101`), 40 frames at
     112x112 per video, decoded once and cached on disk.  Not held in memory."""
-    from .ucf101 import UCF101Clips
-
     if split not in ("train", "test"):
         raise AbnnError(f"ucf101 split must be 'train' or 'test', got {split!r}")
     return UCF101Clips(split=ucf_split, train=split == "train", n_frames=frames, data_root=data_root)

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from ..errors import AbnnError, DataNotFoundError
 from ..files import atomic_write
-from .datasets import read_npz, resolve_data_root
+from .roots import read_npz, resolve_data_root
 
 __all__ = [
     "UCF101_ENV_VAR", "SHARED_VIDEO_LABELS", "VideoDecodeError", "resolve_ucf101_root", "ucf101_classes",

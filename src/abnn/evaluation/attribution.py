@@ -245,8 +245,8 @@ def forensics_run(run_dir: str | Any, *, n_eval: int = 1000, batch_size: int = 2
     dataset; written as JSON to ``out`` (default ``run_dir/forensics.json``)."""
     from pathlib import Path
 
-    from ..config import write_json_atomic
     from ..data import load_dataset
+    from ..files import write_json_atomic
     from ..runs import load_run
     from .runner import as_tensors
 

@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attacks import BLACK_BOX, TRANSFER, WHITE_BOX, AttackSpec
+from ..attacks import BLACK_BOX, PGD, TRANSFER, WHITE_BOX, AttackSpec
 from ..errors import AbnnError
 from ..layers import AdaptiveBatchNorm
 from .results import Curve, EvalResult, same_eps
 from .runner import batches, derive_seed, predict, run_attacks, to_float
 
-__all__ = ["ZERO_GRAD_TOL", "ZERO_TOL", "batch_checks", "gradient_check", "masking_counts", "flags",
+__all__ = ["PoisonPGD", "ZERO_GRAD_TOL", "ZERO_TOL", "batch_checks", "gradient_check", "masking_counts", "flags",
            "per_sample_statistics", "tolerance"]
 
 #: a robust accuracy above this at the largest eps of the sweep is flagged (should be ~0%)
@@ -155,23 +155,22 @@ def per_sample_statistics(model: nn.Module) -> Iterator[nn.Module]:
             model.substitute_stats = old_model
 
 
-def _poison_batch(model: nn.Module, xb: Tensor, k: int, ref_pred: Tensor, eps: float, alpha: float, steps: int,
-                  gen: torch.Generator | None) -> Tensor:
-    """PGD on the first ``k`` samples of the batch only, maximising the cross-entropy of the other
-    samples' clean predictions (an attacker who controls k samples of a batch-statistics batch)."""
-    view = (-1,) + (1,) * (xb.dim() - 1)
-    slot = (torch.arange(len(xb), device=xb.device) < k).view(view)
-    lower, upper = (xb - eps).clamp(min=0), (xb + eps).clamp(max=1)
-    noise = torch.rand(xb.shape, generator=gen, device=xb.device, dtype=xb.dtype)
-    x_adv = torch.where(slot, (xb + (2 * noise - 1) * eps).clamp(0, 1), xb)
-    with torch.enable_grad():
-        for _ in range(steps):
-            xg = x_adv.detach().requires_grad_(True)
-            loss = F.cross_entropy(model(xg)[k:], ref_pred[k:], reduction="sum")
-            (g,) = torch.autograd.grad(loss, xg)
-            step = torch.maximum(torch.minimum(x_adv + alpha * g.sign(), upper), lower)
-            x_adv = torch.where(slot, step, xb)
-    return x_adv.detach()
+class PoisonPGD(PGD):
+    """PGD on the first ``k`` samples of a batch only (:meth:`region`), ascending the
+    cross-entropy of the other samples' labels (:meth:`objective`; the check passes their clean
+    predictions): an attacker who controls k samples of a batch-statistics batch.  Returns the
+    last iterate."""
+
+    def __init__(self, model: nn.Module, *, k: int, **options: Any) -> None:
+        super().__init__(model, first_fooling=False, **options)
+        self.k = k
+
+    def region(self, x: Tensor, y: Tensor) -> Tensor:
+        return (torch.arange(len(x), device=x.device) < self.k).view((-1,) + (1,) * (x.dim() - 1))
+
+    def objective(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        logits = self.model(x)
+        return self.loss(logits[self.k:], y[self.k:]), logits
 
 
 def batch_checks(model: nn.Module, x: Tensor, y: Tensor, ev: EvalResult, *, eps: float, budget: dict[str, Any],
@@ -233,7 +232,6 @@ def _mixed_batches(model: nn.Module, x: Tensor, y: Tensor, ev: EvalResult, *, ep
     """k adversarial samples among clean ones: how many clean predictions flip."""
     bs, n = ev.batch_size, len(x)
     clean_pred = predict(model, x, bs, device)
-    gen = torch.Generator(device=device).manual_seed(derive_seed(seed, "mixed-batches"))
     steps = budget["mixed_steps"]
     mixed = []
     for k in budget["mixed_k"]:
@@ -248,7 +246,9 @@ def _mixed_batches(model: nn.Module, x: Tensor, y: Tensor, ev: EvalResult, *, ep
             ok_ref = (ref == yb)[k:]
             n_clean += len(xb) - k
             x_tr = torch.cat([ev.x_worst[s][:k].to(device), xb[k:]])
-            x_po = _poison_batch(model, xb, k, ref, eps, alpha, steps, gen)
+            poison = PoisonPGD(model, k=k, eps=eps, alpha=alpha, steps=steps,
+                               seed=derive_seed(seed, f"mixed-batches/k={k}/from={s.start}"))
+            x_po = poison(xb, ref)
             with torch.no_grad():
                 for key, xm in (("transferred", x_tr), ("poison", x_po)):
                     p = model(xm).argmax(1)[k:]

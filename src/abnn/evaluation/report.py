@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 
 from ..attacks.pgd import FIRST_FOOLING, FIRST_FOOLING_NOTE
-from ..config import write_json_atomic
+from ..files import write_json_atomic
+from ..plotting import pyplot
 from .results import SuiteResult
 
-os.environ.setdefault("MPLBACKEND", "Agg")
 
 __all__ = ["write_suite_report", "suite_markdown"]
 
@@ -22,7 +22,7 @@ def _pct(v: float | None) -> str:
 
 def _curve_png(xs: list[float], ys: list[float], path: Path, xlabel: str, title: str, *,
                mark: float | None = None) -> None:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(4.8, 3.2), dpi=100)
     pos = list(range(len(xs)))  # evenly spaced points, labelled with the values (eps and steps grow ~x2)
@@ -92,9 +92,11 @@ def suite_markdown(res: SuiteResult) -> str:
               "(obfuscated gradients) and Croce et al., ICML 2022 (\"Evaluating the adversarial robustness of adaptive "
               "test-time defenses\"): an honest evaluation reaches ~0% at a large eps, does not get weaker with more "
               "steps, and its white-box attacks break every sample that a gradient-free or transfer attack breaks. A "
-              "flag means the number above may overstate robustness; it makes the verdict SUSPECT. The AutoAttack row "
-              "is derived (per-sample worst case of the standalone APGD-CE, APGD-T, APGD-DLR and Square runs, with "
-              "AutoAttack's settings, APGD-DLR standing in for FAB-T); the authors' AutoAttack is "
+              "flag means the number above may overstate robustness; it makes the verdict SUSPECT. The row `autoattack` "
+              "is the AutoAttack-style ensemble, run as AutoAttack runs it: APGD-CE, then APGD-T, APGD-DLR (standing "
+              "in for FAB-T) and Square, each on the samples still robust after the ones before it; its number is the "
+              "ensemble's. The rows `autoattack/NAME` are the robust accuracy after that component and those before "
+              "it (their runtime is in the `autoattack` row). The authors' AutoAttack is "
               "`abnn evaluate RUN --suite autoattack`.", "", FIRST_FOOLING_NOTE, "",
               "Full machine-readable results: `suite.json`.", ""]
     return "\n".join(lines)
@@ -104,7 +106,8 @@ def _attack_table(res: SuiteResult) -> list[str]:
     lines = ["## Attacks", "", "| Attack | Kind | Settings | Robust accuracy (%) | Runtime |", "|---|---|---|---:|---:|"]
     for name, r in res.attacks.items():
         if r.group == "attack":
-            lines.append(f"| {name} | {r.kind} | `{r.settings}` | {_pct(r.robust_acc)} | {r.seconds:.1f} s |")
+            runtime = f"in {r.part_of}" if r.part_of else f"{r.seconds:.1f} s"
+            lines.append(f"| {name} | {r.kind} | `{r.settings}` | {_pct(r.robust_acc)} | {runtime} |")
     w = res.worst
     sweeps = any(k in res.attacks and res.attacks[k].group != "attack" for k in w.attacks)
     over = "every row above" + (" and the sweep points at this eps" if sweeps else "")

@@ -35,7 +35,11 @@ Schema, version 2 (``schema_version``; files without it are version 1, see below
       settings        the attack's repr: every setting and its seed
       seed            the attack's own seed, derived from the run seed and its label
       group           "attack", or the suite sweep it belongs to ("eps-sweep", "steps-sweep")
-      derived_from    null, or the labels whose per-sample worst case this row is (no run of its own)
+      derived_from    null, or the labels whose per-sample worst case this row is (no run of its own;
+                      suites before the AutoAttack row was run as an ensemble)
+      part_of         null, or the label of the ensemble run this row is a stage of: the row
+                      "autoattack/apgd-t" is robust accuracy after the ensemble's components up to
+                      and including APGD-T, in running order (its seconds count in the ensemble's row)
       robust_acc      fraction correct both clean and under this attack (RobustBench convention)
       robust_mask     per sample "0"/"1" string
       seconds         wall-clock seconds of the attack
@@ -98,11 +102,13 @@ class AttackResult:
     robust_mask: Tensor | None = None
     group: str = "attack"
     derived_from: list[str] | None = None
+    part_of: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"attack": self.attack, "kind": self.kind, "norm": self.norm, "eps": self.eps,
                 "eps_255": None if self.eps is None else self.eps * 255, "options": self.options,
                 "settings": self.settings, "seed": self.seed, "group": self.group, "derived_from": self.derived_from,
+                "part_of": self.part_of,
                 "robust_acc": self.robust_acc, "robust_mask": mask_to_str(self.robust_mask), "seconds": self.seconds}
 
     @classmethod
@@ -111,7 +117,8 @@ class AttackResult:
         return cls(label=label, attack=d.get("attack", label), kind=d["kind"], norm=d.get("norm", "linf"),
                    eps=d.get("eps", eps), options=d.get("options", {}), settings=d["settings"], seed=d.get("seed", seed),
                    robust_acc=d["robust_acc"], seconds=d["seconds"], robust_mask=mask_from_str(d.get("robust_mask")),
-                   group=d.get("group", "attack"), derived_from=d.get("derived_from"))
+                   group=d.get("group", "attack"), derived_from=d.get("derived_from"),
+                   part_of=d.get("part_of"))
 
 
 @dataclass
@@ -169,17 +176,6 @@ class EvalResult:
         for r in rows:
             mask &= r.robust_mask
         return WorstCase(eps, _acc(mask), [r.label for r in rows], mask)
-
-    def add_derived(self, label: str, parts: list[str], settings: str, *, kind: str) -> AttackResult | None:
-        """A row that is the per-sample worst case of ``parts`` (those present), run by none."""
-        have = [self.attacks[p] for p in parts if p in self.attacks]
-        if not have:
-            return None
-        mask = torch.stack([r.robust_mask for r in have]).all(0)
-        row = AttackResult(label, label, kind, "linf", have[0].eps, {}, settings, None, _acc(mask),
-                           sum(r.seconds for r in have), mask, "attack", [r.label for r in have])
-        self.attacks[label] = row
-        return row
 
     def to_dict(self) -> dict[str, Any]:
         try:

@@ -12,6 +12,12 @@ adversarial one (RobustBench convention).  Each attack draws its randomness from
 derived from the run seed and the attack's label, so adding an attack never changes another's
 numbers.  Forward passes run in float32 (autocast off), as the attacks do.
 
+An ensemble that runs its components one after the other (:class:`~abnn.attacks.AutoAttack`:
+each component attacks only the samples still robust after the ones before it) is one attack
+here, one row with the ensemble's number; its ``last_robust_after`` masks also become a row per
+component, labelled ``ENSEMBLE/COMPONENT`` (``part_of`` the ensemble): robust accuracy after that
+component and those before it, so the masking checks still see what Square alone broke.
+
 With ``progress_dir`` the runner is resumable: each finished attack is saved at once into
 ``progress_dir/attack-progress.pt`` with the fingerprint of the model weights, data, batch size
 and sources; a later call with the same fingerprint takes every finished attack whose settings
@@ -305,18 +311,20 @@ def run_attacks(model: nn.Module, data: Any, specs: Sequence[str | AttackSpec], 
         for p in tqdm(plan, desc="attacks", disable=not progress, dynamic_ncols=True):
             in_worst = p.entry.norm == "linf" and same_eps(p.eps, run_eps)
             if p.label in reuse:
-                mask, seconds = state.done[p.label]["robust"], state.done[p.label]["seconds"]
+                done = state.done[p.label]
+                mask, parts, seconds = done["robust"], done.get("parts", {}), done["seconds"]
             else:
                 t0 = time.perf_counter()
-                mask = _attack_dataset(model, p, x, y, clean, batch_size, device, progress,
-                                       x_worst if in_worst else None, robust_all)
+                mask, parts = _attack_dataset(model, p, x, y, clean, batch_size, device, progress,
+                                              x_worst if in_worst else None, robust_all)
                 seconds = time.perf_counter() - t0
-                state.done[p.label] = {"settings": repr(p.attack), "robust": mask, "seconds": seconds,
+                state.done[p.label] = {"settings": repr(p.attack), "robust": mask, "parts": parts, "seconds": seconds,
                                        "worst": in_worst and x_worst is not None}
                 state.save(x_worst, state.seconds + time.perf_counter() - t_start)
             if in_worst:
                 robust_all &= mask
             rows[p.label] = _row(p, mask, seconds)
+            rows.update((row.label, row) for row in _part_rows(p, parts))
     finally:
         model.train(was_training)
     result = EvalResult(n_eval=len(x), clean_acc=clean.float().mean().item(), clean_mask=clean, eps=run_eps,
@@ -345,28 +353,49 @@ def _check_sources(model: nn.Module, sources: Mapping[str, nn.Module], x: Tensor
 
 
 def _attack_dataset(model: nn.Module, p: _Planned, x: Tensor, y: Tensor, clean: Tensor, bs: int,
-                    device: torch.device, progress: bool, x_worst: Tensor | None, robust_all: Tensor) -> Tensor:
-    """The robust mask of one attack over the dataset; updates ``x_worst`` for newly broken samples."""
+                    device: torch.device, progress: bool, x_worst: Tensor | None,
+                    robust_all: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """The robust mask of one attack over the dataset, and for an ensemble the masks after each
+    component (see the module docstring); updates ``x_worst`` for newly broken samples."""
     robust = torch.zeros(len(x), dtype=torch.bool)
+    parts: dict[str, Tensor] = {}
     for s, xb, yb in tqdm(batches(x, y, bs, device), desc=p.label, total=-(-len(x) // bs), disable=not progress,
                           leave=False, dynamic_ncols=True):
         x_adv = p.attack(xb, yb)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             ok = (model(x_adv).argmax(1) == yb).cpu() & clean[s]
         robust[s] = ok
+        for name, after in getattr(p.attack, "last_robust_after", {}).items():
+            parts.setdefault(name, torch.zeros(len(x), dtype=torch.bool))[s] = after.cpu() & clean[s]
         if x_worst is not None:
             new = robust_all[s] & ~ok
             x_worst[s] = torch.where(new.view((-1,) + (1,) * (xb.dim() - 1)), x_adv.cpu(), x_worst[s])
             robust_all[s] &= ok
-    return robust
+    return robust, parts
+
+
+def _json_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v if v is None or isinstance(v, (bool, int, float, str)) else str(v)  # JSON-ready (amp: a dtype)
+            for k, v in options.items() if k not in ("channels_last", "amp") or v is not None}
 
 
 def _row(p: _Planned, mask: Tensor, seconds: float) -> AttackResult:
-    options = {k: v if v is None or isinstance(v, (bool, int, float, str)) else str(v)  # JSON-ready (amp: a dtype)
-               for k, v in p.options.items() if k not in ("channels_last", "amp") or v is not None}
     return AttackResult(label=p.label, attack=p.spec.name, kind=p.entry.kind, norm=p.entry.norm, eps=p.eps,
-                        options=options, settings=repr(p.attack), seed=getattr(p.attack, "seed", None),
+                        options=_json_options(p.options), settings=repr(p.attack), seed=getattr(p.attack, "seed", None),
                         robust_acc=mask.float().mean().item(), seconds=seconds, robust_mask=mask, group=p.spec.group)
+
+
+def _part_rows(p: _Planned, parts: Mapping[str, Tensor]) -> list[AttackResult]:
+    """The rows of an ensemble's components (robust after each, in running order; no seconds of
+    their own: the ensemble's row holds them)."""
+    rows = []
+    for name, mask in parts.items():
+        component = p.attack.component(name)
+        rows.append(AttackResult(label=f"{p.label}/{name}", attack=name, kind=get_entry(name).kind, norm=p.entry.norm,
+                                 eps=p.eps, options=_json_options(p.attack.component_options(name)),
+                                 settings=repr(component), seed=component.seed, robust_acc=mask.float().mean().item(),
+                                 seconds=0.0, robust_mask=mask, group=p.spec.group, part_of=p.label))
+    return rows
 
 
 # ----------------------------------------------------------------------------------- run folders
@@ -381,7 +410,8 @@ def evaluate_run(run_dir: str | os.PathLike, *, attacks: Sequence[str | AttackSp
     (default ``run_dir/eval.json``).  ``sources`` values may be modules or run folders.  Resumable
     through ``attack-progress.pt`` beside ``out`` (``resume=False`` discards it first); one of
     other settings, weights or data is refused."""
-    from ..config import run_identity, write_json_atomic
+    from ..config import run_identity
+    from ..files import write_json_atomic
     from ..data import load_dataset
     from ..runs import load_run, training_cut_short
 

@@ -4,11 +4,12 @@
 Athalye, Carlini & Wagner (ICML 2018) and Croce et al. (ICML 2022, "Evaluating the adversarial
 robustness of adaptive test-time defenses") on a model and a test set, through the one runner:
 
-* attacks: the paper's PGD-5; PGD with many steps and restarts; the components of the
-  AutoAttack-style ensemble as :class:`~abnn.attacks.AutoAttack` defines them (APGD-CE, APGD-DLR,
-  APGD-T, Square with the reference schedule), and its row, their per-sample worst case; for
-  ABNN models the statistics attack and the transfer from the ABNN target with plain BatchNorm;
-  transfers from any given source models;
+* attacks: the paper's PGD-5; PGD with many steps and restarts; the AutoAttack-style ensemble,
+  run as :class:`~abnn.attacks.AutoAttack` runs it (APGD-CE, then APGD-T, APGD-DLR in FAB-T's
+  place and Square with the reference schedule, each on the samples still robust after the ones
+  before it): the row ``autoattack`` is the ensemble's number, the rows ``autoattack/NAME`` the
+  robust accuracy after each component; for ABNN models the statistics attack and the transfer
+  from the ABNN target with plain BatchNorm; transfers from any given source models;
 * an eps sweep and a steps sweep of PGD, whose points are rows too (a point at the evaluated eps
   counts in the worst case);
 * the checks of :mod:`abnn.evaluation.checks`, and the verdict: PASS, or SUSPECT with flags.
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attacks import ENSEMBLE, AttackSpec, AutoAttack, default_eps, parse_spec
+from ..attacks import AttackSpec, default_eps, parse_spec
 from ..data import load_dataset
 from ..config import run_identity
 from ..errors import AbnnError
@@ -62,9 +63,6 @@ BUDGETS: dict[str, dict[str, Any]] = {
 #: suites that are plain lists of attacks (no checklist)
 SUITES: dict[str, tuple[str, ...]] = {"autoattack": ("autoattack-official",)}
 
-#: the AutoAttack components in the suite's running order
-_AA_ORDER = ("apgd-ce", "apgd-dlr", "apgd-t", "square")
-
 
 def pgd_alpha(eps: float, steps: int) -> float:
     """Step size for PGD with ``steps`` iterations: ``2.5 * eps / steps`` (Madry et al. 2018),
@@ -87,10 +85,10 @@ def resolve_budget(budget: str | Mapping[str, Any] | None, quick: bool = False) 
     return f"{base}+custom", {**BUDGETS[base], **budget}
 
 
-def autoattack_row(budget: dict[str, Any], eps: float, num_classes: int) -> AutoAttack:
-    """The AutoAttack whose components the suite runs (an unbound model: only its settings are used)."""
-    return AutoAttack(nn.Identity(), eps=eps, steps=budget["apgd_steps"], queries=budget["square_queries"],
-                      n_target_classes=min(budget["apgd_targets"], max(num_classes - 1, 1)))
+def autoattack_options(budget: dict[str, Any], eps: float, num_classes: int) -> dict[str, Any]:
+    """The options of the suite's ``autoattack`` (the registry's :class:`~abnn.attacks.AutoAttack`)."""
+    return {"eps": eps, "steps": budget["apgd_steps"], "queries": budget["square_queries"],
+            "n_target_classes": min(budget["apgd_targets"], max(num_classes - 1, 1))}
 
 
 def suite_specs(budget: dict[str, Any], *, eps: float, num_classes: int, is_abnn: bool,
@@ -99,10 +97,7 @@ def suite_specs(budget: dict[str, Any], *, eps: float, num_classes: int, is_abnn
     S, R = budget["pgd_steps"], budget["pgd_restarts"]
     specs = [AttackSpec("pgd", {"eps": eps, "alpha": eps / 4, "steps": 5}, label="pgd-5"),
              AttackSpec("pgd", {"eps": eps, "alpha": pgd_alpha(eps, S), "steps": S, "restarts": R}, label=f"pgd-{S}x{R}")]
-    aa = autoattack_row(budget, eps, num_classes)
-    need = {"apgd-dlr": 3, "apgd-t": 4}
-    specs += [AttackSpec(name, aa.component_options(name), label=name) for name in _AA_ORDER
-              if num_classes >= need.get(name, 2)]
+    specs.append(AttackSpec("autoattack", autoattack_options(budget, eps, num_classes), label="autoattack"))
     if is_abnn:
         T = budget["stats_steps"]
         specs += [AttackSpec("stats", {"eps": eps, "alpha": pgd_alpha(eps, T), "steps": T, "weight": w},
@@ -192,8 +187,6 @@ def run_suite(model: nn.Module, data: Any, *, eps: float | None = None, n_eval: 
                          sources=sources, progress=progress, progress_dir=progress_dir, keep_progress=True,
                          keep_worst_inputs=True, identity=identity, refuse_changed=refuse_changed)
         t0 = time.perf_counter()
-        aa = autoattack_row(cfg, eps, num_classes)
-        ev.add_derived("autoattack", list(_AA_ORDER), f"{aa!r} = per-sample worst case of its components", kind=ENSEMBLE)
         res = _checklist(model, x, y, ev, cfg, budget_name, eps, num_classes, is_abnn, seed, device, progress)
     finally:
         model.train(was_training)
@@ -236,7 +229,7 @@ def _checklist(model: nn.Module, x: Tensor, y: Tensor, ev: EvalResult, cfg: dict
 def _broken_only_by(ev: EvalResult) -> dict[str, int]:
     """Per attack of the worst case: how many samples it alone breaks."""
     w = ev.worst_case()
-    names = [k for k in w.attacks if ev.attacks[k].group == "attack"]
+    names = [k for k in w.attacks if ev.attacks[k].group == "attack" and not ev.attacks[k].part_of]
     if len(names) < 2:
         return {}
     fooled = ev.clean_mask & ~torch.stack([ev.attacks[k].robust_mask for k in names])

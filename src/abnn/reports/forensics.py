@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..plotting import pyplot
 from ..report_studies import _pct
 
 _ROWS = ("pgd", "pgd-target-only", "pgd-no-encoder-grad", "pgd-no-stats-grad", "pgd-clean-substitute", "pgd-train-bn",
@@ -20,7 +21,7 @@ _NAMES = {"pgd": "full white-box gradient (the paper's threat model)",
 def figure_forensics(records: list[dict], paper: float, path: Path, title: str) -> None:
     """Grouped bars: PGD-5 robust accuracy per protocol (rows) and model (colours), the paper's
     number as a dashed line."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in _ROWS if any(r in rec["pgd5"] for rec in records)]
     fig, ax = plt.subplots(figsize=(10, 4.2), dpi=100)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..plotting import pyplot
 from ..report_studies import _header, _pct
 from .forensics import attribution_table, path_swap_table
 
@@ -13,7 +14,7 @@ _CLOCK_NAMES = {"train_cpu_seconds": "CPU s", "train_seconds": "wall s"}
 def figure_robust_substitute(records: list[dict], clock: str, path: Path, title: str) -> None:
     """Clean and worst-case accuracy against the amortised training cost (the frontier's axes),
     one point per row at k = 1 (filled) and k = 20 targets per substitute (open), joined."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=100)
     for ax, key, label in ((axes[0], "worst_case_acc", "worst-case robust accuracy (%)"),
