@@ -22,8 +22,7 @@ from ..config import TrainConfig, write_json_atomic
 from ..training.loop import VALIDATION_CLOCKS, software_versions
 from .presets import Table1Preset
 from .schedule import Stage, plan_workers, run_stages
-from .stages import StudyEval, TrainPoint, eval_of, eval_stages, place, train_stages, with_progress
-from .table1 import _job_train, _log
+from .stages import StudyEval, TrainPoint, eval_of, eval_stages, job_train, log, place, train_stages, with_progress
 
 #: every point of the frontier, in report order
 FRONTIER = ("standard", "abnn", "fast-at", "pgd-at", "pgd-at-matched")
@@ -104,7 +103,7 @@ def _job_matched(run: Path, base: TrainConfig, abnn_run: Path, pgdat_run: Path, 
 
     m = matching(read_json(abnn_run / "train_results.json"), read_json(pgdat_run / "train_results.json"))
     cfg = dataclasses.replace(base, epochs=m["matched_epochs"], total_steps=m["matched_steps"])
-    return _job_train(run, cfg, force, progress)
+    return job_train(run, cfg, force, progress)
 
 
 def matched_stage(by: dict[str, TrainPoint], done: dict, force: bool) -> list[Stage]:
@@ -168,9 +167,9 @@ def run_frontier(preset: Table1Preset, out: str | Path, *, table1_dir: str | Pat
     done.update(ev_done)
     workers, per_stage = plan_workers(jobs, threads, stages)
     with_progress(stages, workers, progress)
-    _log(f"frontier: {len(stages)} stages to run, {len(done)} reused; {workers} at a time, {per_stage} thread(s) each")
+    log(f"frontier: {len(stages)} stages to run, {len(done)} reused; {workers} at a time, {per_stage} thread(s) each")
     results = run_stages(stages, workers=workers, threads=per_stage, done=done,
-                         on_done=lambda name, _: _log(f"stage {name} done") if workers > 1 else None)
+                         on_done=lambda name, _: log(f"stage {name} done") if workers > 1 else None)
     matched.cfg = TrainConfig.load(matched.run / "config.json")
 
     records = [frontier_record(p, results[p.name], eval_of(p, models, results), p.run) for p in models]
@@ -185,7 +184,7 @@ def run_frontier(preset: Table1Preset, out: str | Path, *, table1_dir: str | Pat
     }
     write_json_atomic(out / "results.json", summary)
     write_frontier_report(out, summary)
-    _log(f"report written to {out / 'report.md'}")
+    log(f"report written to {out / 'report.md'}")
     return summary
 
 

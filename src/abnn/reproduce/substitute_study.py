@@ -37,9 +37,8 @@ from ..training.loop import software_versions
 from .frontier import study_eval
 from .presets import Table1Preset
 from .schedule import Stage, plan_workers, run_stages
-from .stages import (STUDY_LOCK_WAIT, StudyEval, TrainPoint, eval_of, eval_stages, place, train_stages,
+from .stages import (STUDY_LOCK_WAIT, StudyEval, TrainPoint, eval_of, eval_stages, log, place, train_stages,
                      with_progress)
-from .table1 import _log
 
 #: the reference ResNet-20's taps, paired in order with the target's five stages (by resolution:
 #: 32x32, 32x32, 16x16, 8x8, 8x8; ResNet-20 has three stages of three blocks)
@@ -213,9 +212,9 @@ def run_substitute_study(preset: Table1Preset, out: str | Path, *, table1_dir: s
     stages += analysis_stages([(p, s.val_dataset) for s, p in zip(subs, models)], spec, data_root, device, force)
     workers, per_stage = plan_workers(jobs, threads, stages)
     with_progress([s for s in stages if not s.name.startswith("analysis:")], workers, progress)
-    _log(f"substitute study: {len(stages)} stages to run, {len(done)} reused; {workers} at a time")
+    log(f"substitute study: {len(stages)} stages to run, {len(done)} reused; {workers} at a time")
     results = run_stages(stages, workers=workers, threads=per_stage, done=done,
-                         on_done=lambda name, _: _log(f"stage {name} done") if workers > 1 else None)
+                         on_done=lambda name, _: log(f"stage {name} done") if workers > 1 else None)
 
     records = []
     for sub, p in zip(subs, models):
@@ -234,5 +233,5 @@ def run_substitute_study(preset: Table1Preset, out: str | Path, *, table1_dir: s
                "pipeline_seconds_this_call": time.perf_counter() - t_start}
     write_json_atomic(out / "results.json", summary)
     write_substitute_study_report(out, summary)
-    _log(f"report written to {out / 'report.md'}")
+    log(f"report written to {out / 'report.md'}")
     return summary

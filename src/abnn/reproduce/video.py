@@ -13,7 +13,8 @@ from pathlib import Path
 from ..config import write_json_atomic
 from ..files import ensure_writable
 from .presets import PAPER_VIDEO, VideoPreset
-from .table1 import _examples, _log, _record, _stage_eval, _stage_train
+from .stages import TableEval, job_eval, job_train, log
+from .table1 import make_examples, table_record
 
 
 def run_video_tables(preset: VideoPreset, out: str | Path, *, data_root: str | None = None, device: str = "cpu",
@@ -30,13 +31,13 @@ def run_video_tables(preset: VideoPreset, out: str | Path, *, data_root: str | N
         cfg = preset.method_config(method)
         cfg.data_root = data_root
         cfg.device = device
-        tr = _stage_train(out / method, cfg, force=force, progress=progress)
-        ev = _stage_eval(out / method, preset, data_root, device, force=force, progress=progress)
-        records.append(_record(method, cfg, tr, ev, PAPER_VIDEO[method]))
-    examples = _examples(out, preset, data_root, device, force=force)
+        tr = job_train(out / method, cfg, force, progress)
+        ev = job_eval(out / method, TableEval.of(preset), data_root, device, force, progress)
+        records.append(table_record(method, cfg, tr, ev, PAPER_VIDEO[method]))
+    examples = make_examples(out, preset, data_root, device, force=force)
     results = {"preset": preset.to_dict(), "records": records, "command": command,
                "pipeline_seconds_this_call": time.perf_counter() - t_start}
     write_json_atomic(out / "results.json", results)
     write_video_report(out, results, examples)
-    _log(f"report written to {out / 'report.md'}")
+    log(f"report written to {out / 'report.md'}")
     return results
