@@ -34,8 +34,8 @@ from ..runs import read_json, run_lock
 from ..training.loop import software_versions
 from .frontier import frontier_points, study_settings
 from .presets import PAPER_TABLE1, Table1Preset
-from .schedule import Stage, plan_workers, run_stages
-from .stages import STUDY_LOCK_WAIT, TrainPoint, log, place, train_stages, with_progress
+from .schedule import Stage
+from .stages import STUDY_LOCK_WAIT, TrainPoint, log, place, schedule, train_stages
 from .substitute_study import abnn_point, substitutes
 
 #: the weaker threat models, registry names; the last one needs type-A shortcuts in the substitute
@@ -131,11 +131,7 @@ def run_forensics(preset: Table1Preset, out: str | Path, *, studies_dir: str | P
     for p in models:
         stages.append(Stage(f"forensics:{p.name}", job_forensics, (p.run, spec, data_root, device, force),
                             after=(p.name,) if p.name not in done else (), weight=0.5))
-    workers, per_stage = plan_workers(jobs, threads, stages)
-    with_progress(stages, workers, progress)
-    log(f"forensics: {len(stages)} stages to run, {len(done)} reused; {workers} at a time")
-    results = run_stages(stages, workers=workers, threads=per_stage, done=done,
-                         on_done=lambda name, _: log(f"stage {name} done"))
+    results, workers, per_stage = schedule("forensics", stages, done, jobs=jobs, threads=threads, progress=progress)
     records = [{"name": p.name, "label": LABELS.get(p.name, p.name), "run": str(p.run),
                 **results[f"forensics:{p.name}"]} for p in models]
     summary = {"preset": preset.to_dict(), "records": records, "evaluation": spec.key(), "paper_pgd": PAPER_PGD,

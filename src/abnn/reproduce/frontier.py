@@ -21,8 +21,8 @@ from pathlib import Path
 from ..config import TrainConfig, write_json_atomic
 from ..training.loop import VALIDATION_CLOCKS, software_versions
 from .presets import Table1Preset
-from .schedule import Stage, plan_workers, run_stages
-from .stages import StudyEval, TrainPoint, eval_of, eval_stages, job_train, log, place, train_stages, with_progress
+from .schedule import Stage
+from .stages import StudyEval, TrainPoint, eval_of, job_train, log, place, schedule, train_and_eval_stages
 
 #: every point of the frontier, in report order
 FRONTIER = ("standard", "abnn", "fast-at", "pgd-at", "pgd-at-matched")
@@ -155,21 +155,15 @@ def run_frontier(preset: Table1Preset, out: str | Path, *, table1_dir: str | Pat
     matched = by["pgd-at-matched"]
     if matched.is_finished() and not force:  # its step budget was fixed when it trained
         matched.cfg = TrainConfig.load(matched.run / "config.json")
-    stages, done = train_stages([p for p in points if p.name != "pgd-at-matched"], force=force)
+    models = [by[m] for m in FRONTIER]
+    spec = study_eval(preset)
+    stages, done = train_and_eval_stages([p for p in points if p is not matched], models, spec, data_root, device,
+                                         force=force)
     to_train = matched_stage(by, done, force)
     stages += to_train
     if not to_train:
         done["pgd-at-matched"] = read_json(matched.run / "train_results.json")
-    models = [by[m] for m in FRONTIER]
-    spec = study_eval(preset)
-    ev_stages, ev_done = eval_stages(models, spec, data_root, device, force=force)
-    stages += ev_stages
-    done.update(ev_done)
-    workers, per_stage = plan_workers(jobs, threads, stages)
-    with_progress(stages, workers, progress)
-    log(f"frontier: {len(stages)} stages to run, {len(done)} reused; {workers} at a time, {per_stage} thread(s) each")
-    results = run_stages(stages, workers=workers, threads=per_stage, done=done,
-                         on_done=lambda name, _: log(f"stage {name} done") if workers > 1 else None)
+    results, workers, per_stage = schedule("frontier", stages, done, jobs=jobs, threads=threads, progress=progress)
     matched.cfg = TrainConfig.load(matched.run / "config.json")
 
     records = [frontier_record(p, results[p.name], eval_of(p, models, results), p.run) for p in models]

@@ -262,6 +262,15 @@ def eval_stages(points: Sequence[TrainPoint], spec: EvalSpec, data_root: str | N
     return stages, done
 
 
+def train_and_eval_stages(points: Sequence[TrainPoint], models: Sequence[TrainPoint], spec: EvalSpec,
+                          data_root: str | None, device: str, *, force: bool) -> tuple[list[Stage], dict[str, dict]]:
+    """The training stages of ``points`` and the evaluation stages of ``models`` (a subset of
+    the points: substitutes are not evaluated), with the results of those finished earlier."""
+    stages, done = train_stages(points, force=force)
+    ev, ev_done = eval_stages(models, spec, data_root, device, force=force)
+    return stages + ev, done | ev_done
+
+
 def eval_of(point: TrainPoint, points: Sequence[TrainPoint], results: dict) -> dict:
     """The evaluation of a point (made under the name of the first point with the same run)."""
     first = next(q for q in points if q.run == point.run)

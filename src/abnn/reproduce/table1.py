@@ -21,8 +21,7 @@ from ..training.checkpoint import save_atomic
 from ..training.loop import software_versions
 from ..training.methods import get_method
 from .presets import Table1Preset, paper_table1
-from .schedule import Stage, plan_workers, run_stages
-from .stages import TableEval, eval_data, finished_train, job_eval, job_train, log, stage_weight, with_progress
+from .stages import TableEval, TrainPoint, eval_data, log, schedule, train_and_eval_stages
 
 
 def make_examples(out: Path, preset, data_root: str | None, device: str, *, force: bool = False) -> Path:
@@ -84,6 +83,43 @@ def table_record(method: str, cfg: TrainConfig, tr: dict, ev: dict, paper: dict)
     return rec
 
 
+def table1_points(preset: Table1Preset, out: Path, data_root: str | None, device: str) -> list[TrainPoint]:
+    """The training stages: the substitute (when ABNN is a method and its substitute is
+    pretrained here), then one run folder ``out / METHOD`` per method of the preset."""
+    points = []
+    substitute = preset.substitute_source if "abnn" in preset.methods else None
+    if substitute == "pretrain":
+        sub_cfg = preset.substitute_config()
+        sub_cfg.data_root, sub_cfg.device = data_root, device
+        points.append(TrainPoint("substitute", out / "substitute", sub_cfg))
+        substitute = str(out / "substitute")
+    for method in preset.methods:
+        cfg = preset.method_config(method, substitute)
+        cfg.data_root, cfg.device = data_root, device
+        after = ("substitute",) if method == "abnn" and points and points[0].name == "substitute" else ()
+        points.append(TrainPoint(method, out / method, cfg, after))
+    return points
+
+
+def substitute_info(preset: Table1Preset, results: dict) -> dict:
+    """What results.json says of the substitute: the one pretrained here, or a weights file's."""
+    info: dict = {"source": preset.substitute_source}
+    if "substitute" in results:
+        sub_res = results["substitute"]
+        info.update({"arch": "vgg19_bn", "width": preset.substitute_width, "dataset": "tinyimagenet32",
+                     "train_size": sub_res["train_size"], "epochs": preset.substitute_epochs,
+                     "val_acc": sub_res["final_val_acc"], "val_size": sub_res["val_size"],
+                     "train_seconds": sub_res["train_seconds"]})
+    elif "abnn" in preset.methods:
+        download = preset.substitute_source in DOWNLOADABLE
+        info.update({"arch": "vgg19_bn", "width": preset.substitute_width,
+                     "dataset": "ImageNet-1k (torchvision weights)" if download else
+                     "the data of the weights file (ImageNet-1k if it is torchvision's own file)",
+                     "val_acc": None, "val_acc_note": "not measured here; see torchvision's model card"
+                     if download else "not measured here"})
+    return info
+
+
 def run_table1(preset: Table1Preset, out: str | Path, *, data_root: str | None = None, device: str = "cpu",
                force: bool = False, progress: bool = True, command: str = "", jobs: int | None = None,
                threads: int | None = None) -> dict:
@@ -101,74 +137,26 @@ def run_table1(preset: Table1Preset, out: str | Path, *, data_root: str | None =
     note_clamped(preset, data_root)
     t_start = time.perf_counter()
     write_json_atomic(out / "preset.json", preset.to_dict())
+    points = table1_points(preset, out, data_root, device)
+    models = [p for p in points if p.name != "substitute"]
+    stages, done = train_and_eval_stages(points, models, TableEval.of(preset), data_root, device, force=force)
+    results, workers, per_stage = schedule("table1", stages, done, jobs=jobs, threads=threads, progress=progress)
 
-    stages: list[Stage] = []
-    substitute = None
-    if "abnn" in preset.methods:
-        if preset.substitute_source == "pretrain":
-            sub_cfg = preset.substitute_config()
-            sub_cfg.data_root = data_root
-            sub_cfg.device = device
-            substitute = str(out / "substitute")
-            stages.append(Stage("substitute", job_train, (out / "substitute", sub_cfg, force),
-                                weight=stage_weight(sub_cfg)))
-        else:
-            substitute = preset.substitute_source
-    spec = TableEval.of(preset)
-    cfgs = {}
-    for method in preset.methods:
-        cfg = cfgs[method] = preset.method_config(method, substitute)
-        cfg.data_root = data_root
-        cfg.device = device
-        needs = ("substitute",) if method == "abnn" and any(s.name == "substitute" for s in stages) else ()
-        stages.append(Stage(method, job_train, (out / method, cfg, force), after=needs, weight=stage_weight(cfg)))
-        stages.append(Stage(f"eval:{method}", job_eval, (out / method, spec, data_root, device, force),
-                            after=(method,), weight=0.5))
-    finished = {} if force else {name: r for name, r in
-                                 ((m, finished_train(out / m, cfgs[m])) for m in cfgs) if r is not None}
-    if not force and "substitute" in [s.name for s in stages]:
-        r = finished_train(out / "substitute", sub_cfg)
-        if r is not None:
-            finished["substitute"] = r
-    finished.update({f"eval:{m}": r for m in cfgs if m in finished
-                     for r in [spec.finished(out / m)] if r is not None})
-    stages = [s for s in stages if s.name not in finished]
-    workers, per_stage_threads = plan_workers(jobs, threads, stages)
-    with_progress(stages, workers, progress)
-    if workers > 1:
-        log(f"{len(stages)} stages, {workers} at a time, {per_stage_threads} thread(s) each")
-    done = run_stages(stages, workers=workers, threads=per_stage_threads, done=finished,
-                      on_done=lambda name, _: log(f"stage {name} done") if workers > 1 else None)
-
-    substitute_info: dict = {"source": preset.substitute_source}
-    if "substitute" in done:
-        sub_res = done["substitute"]
-        substitute_info.update({"arch": "vgg19_bn", "width": preset.substitute_width, "dataset": "tinyimagenet32",
-                                "train_size": sub_res["train_size"], "epochs": preset.substitute_epochs,
-                                "val_acc": sub_res["final_val_acc"], "val_size": sub_res["val_size"],
-                                "train_seconds": sub_res["train_seconds"]})
-    elif substitute is not None:
-        download = preset.substitute_source in DOWNLOADABLE
-        substitute_info.update({"arch": "vgg19_bn", "width": preset.substitute_width,
-                                "dataset": "ImageNet-1k (torchvision weights)" if download else
-                                "the data of the weights file (ImageNet-1k if it is torchvision's own file)",
-                                "val_acc": None, "val_acc_note": "not measured here; see torchvision's model card"
-                                if download else "not measured here"})
+    sub = substitute_info(preset, results)
     records = []
-    for method in preset.methods:
-        rec = table_record(method, cfgs[method], done[method], done[f"eval:{method}"], paper_table1(method))
-        if method == "abnn":
-            rec["substitute"].update({k: v for k, v in substitute_info.items() if k != "source"})
+    for p in models:
+        rec = table_record(p.name, p.cfg, results[p.name], results[f"eval:{p.name}"], paper_table1(p.name))
+        if p.name == "abnn":
+            rec["substitute"].update({k: v for k, v in sub.items() if k != "source"})
         records.append(rec)
-
     examples = make_examples(out, preset, data_root, device, force=force)
-    results = {"preset": preset.to_dict(), "records": records, "substitute": substitute_info,
+    summary = {"preset": preset.to_dict(), "records": records, "substitute": sub,
                "command": command, "pipeline_seconds_this_call": time.perf_counter() - t_start,
-               "workers": workers, "threads_per_stage": per_stage_threads}
-    write_json_atomic(out / "results.json", results)
-    write_table1_report(out, results, examples)
+               "workers": workers, "threads_per_stage": per_stage}
+    write_json_atomic(out / "results.json", summary)
+    write_table1_report(out, summary, examples)
     log(f"report written to {out / 'report.md'}")
-    return results
+    return summary
 
 
 def note_clamped(preset, data_root: str | None) -> None:
