@@ -236,7 +236,7 @@ def test_random_bytes_are_not_a_checkpoint(runs, tmp_path, capsys):
 
 
 def test_crafted_examples_file_is_one_line(tmp_path):
-    from abnn.report import load_examples
+    from abnn.reports.table1 import load_examples
 
     class Evil:
         def __reduce__(self):

@@ -94,7 +94,7 @@ def test_set_bad_value_is_one_line_before_anything_runs(tmp_path, capsys):
 def test_table1_report_names_pgds_first_fooling_iterate(tmp_path):
     """The Table 1 report, written from the committed cpu results.json, says that its PGD keeps
     the first fooling iterate per sample."""
-    from abnn.report import write_table1_report
+    from abnn.reports.table1 import write_table1_report
 
     path = REPO / "docs" / "results" / "table1-cpu" / "results.json"
     if not path.is_file():

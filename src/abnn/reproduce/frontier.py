@@ -143,7 +143,7 @@ def run_frontier(preset: Table1Preset, out: str | Path, *, table1_dir: str | Pat
                  command: str = "", jobs: int | None = None, threads: int | None = None) -> dict:
     """Train (or reuse) and evaluate the five frontier models; write report.md, results.json,
     frontier.png and fast_at_epochs.png into ``out``."""
-    from ..report_studies import write_frontier_report
+    from ..reports.studies import write_frontier_report
     from ..runs import read_json
 
     out = Path(out)

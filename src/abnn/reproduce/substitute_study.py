@@ -196,7 +196,7 @@ def run_substitute_study(preset: Table1Preset, out: str | Path, *, table1_dir: s
                          threads: int | None = None) -> dict:
     """Train (or reuse) the substitutes and their ABNN models, evaluate them, measure the
     statistics shift; write report.md, results.json and substitute_study.png into ``out``."""
-    from ..report_studies import write_substitute_study_report
+    from ..reports.studies import write_substitute_study_report
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

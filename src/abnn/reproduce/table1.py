@@ -129,7 +129,7 @@ def run_table1(preset: Table1Preset, out: str | Path, *, data_root: str | None =
     ``jobs`` processes at once (default: as many as the cores allow), each with ``threads``
     torch threads (default: cores / jobs); the numbers are those of a sequential run with the
     same ``threads``."""
-    from ..report import write_table1_report
+    from ..reports.table1 import write_table1_report
 
     preset.check_device(device)
     out = Path(out)

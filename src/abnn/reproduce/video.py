@@ -36,7 +36,7 @@ def run_video_tables(preset: VideoPreset, out: str | Path, *, data_root: str | N
 
     The stages run one at a time (``jobs``) with the process's torch threads (``threads``) by
     default, as Table 1's do with ``--jobs 1``."""
-    from ..report import write_video_report
+    from ..reports.video import write_video_report
 
     out = Path(out)
     ensure_writable(out)

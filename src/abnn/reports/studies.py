@@ -3,41 +3,10 @@ and the substitute-strength study (``substitute_study.png``), each with ``report
 
 from __future__ import annotations
 
-import datetime as _dt
-import os
 from pathlib import Path
 
-from .attacks.pgd import FIRST_FOOLING, FIRST_FOOLING_NOTE
-from .report import overrides_lines
-from .reproduce.frontier import MATCH_TOLERANCE
-
-os.environ.setdefault("MPLBACKEND", "Agg")
-
-
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.1f}"
-
-
-def _header(title: str, summary: dict) -> list[str]:
-    v, p = summary["versions"], summary["preset"]
-    lines = [f"# {title}", "",
-             f"Generated {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by `abnn` {v['abnn']} "
-             f"(torch {v['torch']}).", "",
-             f"Preset **{p['name']}** (the Table 1 preset: its target, data, schedule and seed for every point): "
-             f"{p['description']}.", ""]
-    lines += overrides_lines(p)
-    if p.get("amp", "auto") not in ("auto", "off"):
-        lines += [f"Every model of this study (substitutes included) trained under {p['amp']} autocast on the CPU; "
-                  "evaluation and the statistics shift ran in float32.", ""]
-    if summary.get("command"):
-        lines += [f"Command: `{summary['command']}`", ""]
-    ev = summary["evaluation"]
-    lines += [f"Evaluation, the same for every point: the first {ev['n_eval']} test images, white-box through the "
-              f"whole model, float32; attacks (registry specs) {', '.join(f'`{a}`' for a in ev['attacks'])}, seed "
-              f"{ev['seed']}. `pgd` is the paper's PGD-5 (eps 8/255, alpha 2/255, random start, {FIRST_FOOLING}); "
-              "the worst case is per sample over all of them (a sample counts as robust only if every attack fails "
-              "on it). Pixel budgets are in [0, 1] pixel units, written k/255.", FIRST_FOOLING_NOTE, ""]
-    return lines
+from ..reproduce.frontier import MATCH_TOLERANCE
+from .common import pct, study_header
 
 
 def figure_frontier(records: list[dict], path: Path, title: str, clock: str = "train_seconds") -> None:
@@ -122,8 +91,8 @@ def _frontier_table(recs: list[dict]) -> list[str]:
     for r in recs:
         lines.append(f"| {r['name']} | {_epochs(r)} | {r['cost_N_per_step']:g} | {r['steps']} | "
                      f"{r['total_cost_N']:,} | {_minutes(r['train_seconds'], r.get('train_cpu_seconds'))} | "
-                     f"{_validation_minutes(r)} | {_pct(r['clean_acc'])} | {_pct(r['robust_acc'].get('pgd'))} | "
-                     f"**{_pct(r['worst_case_acc'])}** |")
+                     f"{_validation_minutes(r)} | {pct(r['clean_acc'])} | {pct(r['robust_acc'].get('pgd'))} | "
+                     f"**{pct(r['worst_case_acc'])}** |")
     return lines
 
 
@@ -166,7 +135,7 @@ def write_frontier_report(out: Path, summary: dict) -> None:
     title = f"Robustness against training cost, preset {summary['preset']['name']}"
     figure_frontier(recs, out / "frontier.png", title, summary["matched"]["clock_key"])
     figure_robust_epochs(recs, out / "fast_at_epochs.png", "Fast-AT: per-epoch PGD-5 accuracy (catastrophic overfitting)")
-    lines = _header(title, summary)
+    lines = study_header(title, summary)
     lines += _frontier_table(recs)
     m = summary["matched"]
     sub = summary["substitute"]
@@ -181,7 +150,7 @@ def write_frontier_report(out: Path, summary: dict) -> None:
               _matching_line(m), "",
               f"ABNN's cost above excludes its substitute, pretrained once and reusable for any target: "
               f"{sub.get('arch')} width {sub.get('width')} on {sub.get('dataset')}, {sub.get('epochs')} epochs, "
-              f"{(sub.get('train_seconds') or 0) / 60:.1f} min, validation accuracy {_pct(sub.get('val_acc'))}%.", ""]
+              f"{(sub.get('train_seconds') or 0) / 60:.1f} min, validation accuracy {pct(sub.get('val_acc'))}%.", ""]
     fa = next((r for r in recs if r["method"] == "fast-at"), None)
     if fa is not None and fa.get("robust_val"):
         rv = fa["robust_val"]
@@ -190,7 +159,7 @@ def write_frontier_report(out: Path, summary: dict) -> None:
                   f"FGSM with a random start (Wong, Rice & Kolter 2020), counted {fa['cost_N_per_step']:g}N per step; "
                   "BN in train mode during the attack step, as in the authors' code. Per-epoch PGD-5 accuracy on "
                   f"{rv['n']} held-out images ({rv['source']}): "
-                  + ", ".join(_pct(a) for a in rv["per_epoch"]) + f". Best epoch {fa.get('best_robust_epoch')}; the "
+                  + ", ".join(pct(a) for a in rv["per_epoch"]) + f". Best epoch {fa.get('best_robust_epoch')}; the "
                   f"evaluated model is epoch {fa.get('model_pt_epoch')} (the best-robust checkpoint, as Wong et al. "
                   "keep). "
                   + (f"**Catastrophic overfitting** at epoch(s) {', '.join(map(str, co))} (a fall of more than 20 "
@@ -203,7 +172,7 @@ def write_frontier_report(out: Path, summary: dict) -> None:
               "## Every attack (%)", "", "| Method | " + " | ".join(summary["evaluation"]["attacks"]) + " |",
               "|---|" + "---:|" * len(summary["evaluation"]["attacks"])]
     for r in recs:
-        lines.append(f"| {r['name']} | " + " | ".join(_pct(v) for v in r["robust_acc"].values()) + " |")
+        lines.append(f"| {r['name']} | " + " | ".join(pct(v) for v in r["robust_acc"].values()) + " |")
     lines += ["", "Run folders: " + ", ".join(f"{r['name']}: `{r['run']}`" for r in recs) + ".", "",
               "Machine-readable: `results.json`.", ""]
     (out / "report.md").write_text("\n".join(lines))
@@ -242,7 +211,7 @@ def write_substitute_study_report(out: Path, summary: dict) -> None:
     recs = summary["records"]
     title = f"ABNN and the strength of its substitute, preset {summary['preset']['name']}"
     figure_substitute_study(recs, out / "substitute_study.png", title)
-    lines = _header(title, summary)
+    lines = study_header(title, summary)
     lines += ["## Results (%)", "",
               "| Substitute | Its own accuracy | ABNN clean | PGD-5 | Worst case | Shift of mu(z_s) | Shift of sigma(z_s) | "
               f"Shift of {TARGET_MOMENTS} |",
@@ -250,8 +219,8 @@ def write_substitute_study_report(out: Path, summary: dict) -> None:
     for r in recs:
         sh = r["statistics_shift"]
         mean = lambda v: sum(v) / len(v)  # noqa: E731
-        lines.append(f"| {r['label']} | {_pct(r['substitute_val_acc'])} ({r['substitute_val_dataset']}) | "
-                     f"{_pct(r['clean_acc'])} | {_pct(r['robust_acc'].get('pgd'))} | **{_pct(r['worst_case_acc'])}** | "
+        lines.append(f"| {r['label']} | {pct(r['substitute_val_acc'])} ({r['substitute_val_dataset']}) | "
+                     f"{pct(r['clean_acc'])} | {pct(r['robust_acc'].get('pgd'))} | **{pct(r['worst_case_acc'])}** | "
                      f"{mean(sh['substitute']['mu']):.3f} | {mean(sh['substitute']['sigma']):.3f} | "
                      f"{mean(sh['target']['mu']):.3f}, {mean(sh['target']['sigma']):.3f} |")
     lines += ["", "In-domain substitutes (trained on CIFAR-10, the target's own dataset) break the paper's premise on "
@@ -275,7 +244,7 @@ def write_substitute_study_report(out: Path, summary: dict) -> None:
               "## Every attack (%)", "", "| Substitute | " + " | ".join(summary["evaluation"]["attacks"]) + " |",
               "|---|" + "---:|" * len(summary["evaluation"]["attacks"])]
     for r in recs:
-        lines.append(f"| {r['label']} | " + " | ".join(_pct(v) for v in r["robust_acc"].values()) + " |")
+        lines.append(f"| {r['label']} | " + " | ".join(pct(v) for v in r["robust_acc"].values()) + " |")
     lines += ["", "Run folders: " + ", ".join(f"{r['substitute']}: `{r['run']}`" for r in recs) + ".", "",
               "Machine-readable: `results.json`.", ""]
     (out / "report.md").write_text("\n".join(lines))
