@@ -134,3 +134,12 @@ def test_table1_and_video_declare_train_points_on_the_shared_stages(tmp_path):
     (tmp_path / "standard" / "eval_table.json").write_text(json.dumps(old))
     assert spec.finished(tmp_path / "standard")["clean_acc"] == 0.5
     assert TableEval.of(preset.__class__(name="t", description="", seed=1)).finished(tmp_path / "standard") is None
+
+
+def test_preset_choices_come_from_the_preset_tables():
+    """`--preset` choices are the names of the preset tables, not a list written twice."""
+    from abnn.reproduce import PRESETS, VIDEO_PRESETS, preset_names
+
+    assert preset_names("video") == tuple(VIDEO_PRESETS) and preset_names("table1") == tuple(PRESETS)
+    assert preset_names("frontier") == tuple(PRESETS)
+    assert preset_names() == ("smoke", "cpu", "gpu", "paper")  # every table's, in order: the CLI's choices
