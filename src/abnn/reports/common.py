@@ -18,6 +18,15 @@ def generated(versions: dict) -> str:
             f"{versions['abnn']} (torch {versions['torch']}")
 
 
+def save_figure(fig, path) -> None:
+    """Lay out, write and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def overrides_lines(preset: dict) -> list[str]:
     """The ``--set KEY=VALUE`` that changed the named preset (recorded in its ``overrides``)."""
     over = preset.get("overrides") or ()

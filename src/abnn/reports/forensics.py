@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import pct
+from .common import pct, save_figure
 
 _ROWS = ("pgd", "pgd-target-only", "pgd-no-encoder-grad", "pgd-no-stats-grad", "pgd-clean-substitute", "pgd-train-bn",
          "pgd-typeA-detach")
@@ -37,9 +37,7 @@ def figure_forensics(records: list[dict], paper: float, path: Path, title: str) 
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _cell(rec: dict, key: str, row: str) -> str:

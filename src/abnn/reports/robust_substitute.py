@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import pct, study_header
+from .common import pct, save_figure, study_header
 from .forensics import attribution_table, path_swap_table
 
 _CLOCK_NAMES = {"train_cpu_seconds": "CPU s", "train_seconds": "wall s"}
@@ -38,9 +38,7 @@ def figure_robust_substitute(records: list[dict], clock: str, path: Path, title:
     axes[0].scatter([], [], facecolors="none", edgecolors="k", label="k = 20 targets")
     axes[0].legend(fontsize=7, loc="upper right")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _minutes(v: float | None) -> str:

@@ -6,7 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..reproduce.frontier import MATCH_TOLERANCE
-from .common import pct, study_header
+from .common import pct, save_figure, study_header
+
+
+def every_attack_table(recs: list[dict], attacks: list[str], column: str, label: str) -> list[str]:
+    """Each record's robust accuracy under every attack of the evaluation (%), one row each."""
+    lines = ["## Every attack (%)", "", f"| {column} | " + " | ".join(attacks) + " |", "|---|" + "---:|" * len(attacks)]
+    return lines + [f"| {r[label]} | " + " | ".join(pct(v) for v in r["robust_acc"].values()) + " |" for r in recs]
 
 
 def figure_frontier(records: list[dict], path: Path, title: str, clock: str = "train_seconds") -> None:
@@ -35,9 +41,7 @@ def figure_frontier(records: list[dict], path: Path, title: str, clock: str = "t
     axes[0].scatter([], [], marker="s", color="k", label="worst-case robust (white-box)")
     axes[0].legend(fontsize=7, loc="upper right")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def figure_robust_epochs(records: list[dict], path: Path, title: str) -> None:
@@ -57,9 +61,7 @@ def figure_robust_epochs(records: list[dict], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _minutes(wall: float | None, cpu: float | None) -> str:
@@ -168,11 +170,8 @@ def write_frontier_report(out: Path, summary: dict) -> None:
                   _fast_at_cost_line(fa, summary["matched"]["clock_key"]), "",
                   "![Fast-AT per-epoch robust accuracy](fast_at_epochs.png)", ""]
     lines += ["## Figure", "", "![frontier](frontier.png)", "",
-              "Each method is one point: hollow circle = clean accuracy, filled square = worst-case robust accuracy.", "",
-              "## Every attack (%)", "", "| Method | " + " | ".join(summary["evaluation"]["attacks"]) + " |",
-              "|---|" + "---:|" * len(summary["evaluation"]["attacks"])]
-    for r in recs:
-        lines.append(f"| {r['name']} | " + " | ".join(pct(v) for v in r["robust_acc"].values()) + " |")
+              "Each method is one point: hollow circle = clean accuracy, filled square = worst-case robust accuracy.", ""]
+    lines += every_attack_table(recs, summary["evaluation"]["attacks"], "Method", "name")
     lines += ["", "Run folders: " + ", ".join(f"{r['name']}: `{r['run']}`" for r in recs) + ".", "",
               "Machine-readable: `results.json`.", ""]
     (out / "report.md").write_text("\n".join(lines))
@@ -197,9 +196,7 @@ def figure_substitute_study(records: list[dict], path: Path, title: str) -> None
     ax.legend(fontsize=6, loc="upper left",
               title="x: clean; hollow: PGD-5; filled: worst case; triangle: in-domain", title_fontsize=6)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 #: what the substitute study's "target" shift measures, named as what it is
@@ -240,11 +237,8 @@ def write_substitute_study_report(out: Path, summary: dict) -> None:
                      + "; sigma " + ", ".join(f"{v:.3f}" for v in sh["substitute"]["sigma"])
                      + "; target (moments not used in eval mode) mu " + ", ".join(f"{v:.3f}" for v in sh["target"]["mu"])
                      + "; sigma " + ", ".join(f"{v:.3f}" for v in sh["target"]["sigma"]) + f" (stages {', '.join(sh['stages'])})")
-    lines += ["", "## Figure", "", "![substitute study](substitute_study.png)", "",
-              "## Every attack (%)", "", "| Substitute | " + " | ".join(summary["evaluation"]["attacks"]) + " |",
-              "|---|" + "---:|" * len(summary["evaluation"]["attacks"])]
-    for r in recs:
-        lines.append(f"| {r['label']} | " + " | ".join(pct(v) for v in r["robust_acc"].values()) + " |")
+    lines += ["", "## Figure", "", "![substitute study](substitute_study.png)", ""]
+    lines += every_attack_table(recs, summary["evaluation"]["attacks"], "Substitute", "label")
     lines += ["", "Run folders: " + ", ".join(f"{r['substitute']}: `{r['run']}`" for r in recs) + ".", "",
               "Machine-readable: `results.json`.", ""]
     (out / "report.md").write_text("\n".join(lines))

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..attacks.pgd import FIRST_FOOLING_NOTE
-from .common import generated, overrides_lines, pct
+from .common import generated, overrides_lines, pct, save_figure
 
 
 def _precision(preset: dict) -> str:
@@ -58,9 +58,7 @@ def figure_accuracy(records: list[dict], path: Path, title: str) -> None:
     ax.set_ylim(0, 105)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, ncol=2, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def figure_cost(records: list[dict], path: Path, title: str) -> None:
@@ -81,9 +79,7 @@ def figure_cost(records: list[dict], path: Path, title: str) -> None:
     for a in (a1, a2):
         a.tick_params(labelsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def figure_examples(ex: dict, path: Path, magnify: float = 15.0) -> None:
@@ -110,9 +106,7 @@ def figure_examples(ex: dict, path: Path, magnify: float = 15.0) -> None:
             if j == 0:
                 ax.set_ylabel(label, fontsize=7)
     fig.suptitle(f"{ex.get('method', '')}: clean, PGD (eps 8/255) and ROA examples; titles = predictions", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_figures(out: Path, records: list[dict], title: str, examples_path: Path | None, examples_fn) -> None:
@@ -121,6 +115,19 @@ def write_figures(out: Path, records: list[dict], title: str, examples_path: Pat
     figure_cost(records, out / "training_cost.png", title)
     if examples_path is not None and Path(examples_path).is_file():
         examples_fn(load_examples(examples_path), out / "examples.png")
+
+
+def figures_lines(out: Path) -> list[str]:
+    """The report's figures section: accuracy and training cost, and the examples when drawn."""
+    lines = ["## Figures", "", "![accuracy](accuracy.png)", "", "![training cost](training_cost.png)", ""]
+    if (out / "examples.png").is_file():
+        lines += ["![examples](examples.png)", ""]
+    return lines
+
+
+def pass_counts(record: dict) -> str:
+    """A record's counted passes per network, ``name: forward F/backward B``."""
+    return ", ".join(f"{k}: {c['forward']}F/{c['backward']}B" for k, c in record["cost_counts"].items())
 
 
 #: what ``examples.pt`` holds (``abnn.reproduce.table1.make_examples``): tensors of one batch
@@ -145,6 +152,12 @@ def load_examples(path: str | os.PathLike) -> dict:
     return ex
 
 
+def table_header(title: str, preset: dict, versions: dict, machine: str = "") -> list[str]:
+    """The opening of a table's report: title, versions (and ``machine``), preset, overrides."""
+    return [f"# {title}", "", f"{generated(versions)}{machine}).", "",
+            f"Preset: **{preset['name']}**: {preset['description']}.", "", *overrides_lines(preset)]
+
+
 def write_table1_report(out: Path, results: dict, examples_path: Path | None = None) -> None:
     out = Path(out)
     records = results["records"]
@@ -153,9 +166,7 @@ def write_table1_report(out: Path, results: dict, examples_path: Path | None = N
     write_figures(out, records, title, examples_path, figure_examples)
 
     by = {r["method"]: r for r in records}
-    lines = [f"# {title}", "",
-             f"{generated(records[0]['versions'])}, {platform.machine()}).", "",
-             f"Preset: **{preset['name']}**: {preset['description']}.", ""] + overrides_lines(preset)
+    lines = table_header(title, preset, records[0]["versions"], f", {platform.machine()}")
     if results.get("command"):
         lines += [f"Command: `{results['command']}`", ""]
     lines += ["## Table 1: CIFAR-10, white-box PGD and ROA (%)", "",
@@ -203,15 +214,12 @@ def write_table1_report(out: Path, results: dict, examples_path: Path | None = N
         else:
             lines.append(f"VGG-19-BN with the weights `{sub.get('source')}`, trained on {sub.get('dataset')}.")
         lines.append("")
-    lines += ["## Figures", "", "![accuracy](accuracy.png)", "", "![training cost](training_cost.png)", ""]
-    if (out / "examples.png").is_file():
-        lines += ["![examples](examples.png)", ""]
+    lines += figures_lines(out)
     lines += ["## Settings", "", "| Method | width | epochs | train images | batch | eval images | counted passes per network | device, threads |",
               "|---|---:|---:|---:|---:|---:|---|---|"]
     for r in records:
-        counts = ", ".join(f"{k}: {v['forward']}F/{v['backward']}B" for k, v in r["cost_counts"].items())
         lines.append(f"| {r['name']} | {r['width']} | {r['epochs']} | {r['train_size']} | {r['batch_size']} | "
-                     f"{r['n_eval']} | {counts} | {r.get('device')}, {r.get('threads')} |")
+                     f"{r['n_eval']} | {pass_counts(r)} | {r.get('device')}, {r.get('threads')} |")
     lines += ["", "Attacks (white-box on the entire model; for ABNN through target and substitute):", ""]
     for name, rep in records[0]["attacks"].items():
         lines.append(f"- {name}: `{rep.split('(', 1)[0]}({rep.split('(', 1)[1] if '(' in rep else ''}`")

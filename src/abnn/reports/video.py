@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from ..attacks.pgd import FIRST_FOOLING_NOTE
-from .common import generated, overrides_lines, pct
-from .table1 import write_figures
+from .common import pct, save_figure
+from .table1 import figures_lines, pass_counts, table_header, write_figures
 
 
 def figure_video_examples(ex: dict, path: Path, frames: int = 4, magnify: float = 15.0) -> None:
@@ -36,9 +36,7 @@ def figure_video_examples(ex: dict, path: Path, frames: int = 4, magnify: float 
     label = lambda i: names[i] if i < len(names) else str(i)  # noqa: E731
     fig.suptitle(f"{ex.get('method', '')}: true {label(int(ex['y'][0]))}; predicted clean {label(pred['clean'])}, "
                  f"PGD {label(pred['pgd'])}, ROA {label(pred['roa'])}", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_video_report(out: Path, results: dict, examples_path: Path | None = None) -> None:
@@ -48,10 +46,7 @@ def write_video_report(out: Path, results: dict, examples_path: Path | None = No
     preset = results["preset"]
     title = f"Tables 2 and 3 reproduction (video), preset {preset['name']}"
     write_figures(out, records, title, examples_path, figure_video_examples)
-    v = records[0]["versions"]
-    lines = [f"# {title}", "",
-             generated(v) + ").", "", f"Preset: **{preset['name']}**: {preset['description']}.", ""]
-    lines += overrides_lines(preset)
+    lines = table_header(title, preset, records[0]["versions"])
     if preset["name"] == "smoke":
         lines += ["**These accuracies mean nothing**: 13 clips, trained and tested on the same clips, an untrained "
                   "substitute. The smoke preset only proves that every stage of the video pipeline runs.", ""]
@@ -67,16 +62,13 @@ def write_video_report(out: Path, results: dict, examples_path: Path | None = No
                          f"{p[key]} | {r['cost_N_per_step']:g}N | {p['cost']} | {1000 * r['seconds_per_step']:.0f} ms |")
         lines.append("")
     lines += ["Robust accuracy counts a clip only if it is classified correctly both clean and under attack.", "",
-              FIRST_FOOLING_NOTE, "",
-              "## Figures", "", "![accuracy](accuracy.png)", "", "![training cost](training_cost.png)", ""]
-    if (out / "examples.png").is_file():
-        lines += ["![examples](examples.png)", ""]
+              FIRST_FOOLING_NOTE, ""]
+    lines += figures_lines(out)
     lines += ["## Settings", "", "| Method | architecture | width | epochs | train clips | batch | eval clips | counted passes per network |",
               "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in records:
-        counts = ", ".join(f"{k}: {c['forward']}F/{c['backward']}B" for k, c in r["cost_counts"].items())
         lines.append(f"| {r['name']} | {r['architecture']} | {r['width']} | {r['epochs']} | {r['train_size']} | "
-                     f"{r['batch_size']} | {r['n_eval']} | {counts} |")
+                     f"{r['batch_size']} | {r['n_eval']} | {pass_counts(r)} |")
     lines += ["", "Attacks:", ""] + [f"- {k}: `{a}`" for k, a in records[0]["attacks"].items()]
     sub = next((r.get("substitute") for r in records if r.get("substitute")), None)
     if sub:
