@@ -3,6 +3,8 @@
 Every stage is a run folder under the output folder; a rerun skips finished stages (and resumes
 an interrupted training from its last checkpoint), ``force=True`` redoes them.  A finished stage
 whose settings differ from the preset's is never silently reused: it is an error that says so.
+The stages are the :class:`~abnn.reproduce.stages.TrainPoint` of :func:`table1_points` and their
+:class:`~abnn.reproduce.stages.TableEval` evaluations, built and scheduled as every study's are.
 """
 
 from __future__ import annotations
