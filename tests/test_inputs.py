@@ -119,22 +119,22 @@ def test_examples_are_remade_for_other_weights_and_under_force(runs, tmp_path, c
     import shutil
 
     from abnn.reproduce.presets import get_preset
-    from abnn.reproduce.table1 import _examples
+    from abnn.reproduce.table1 import make_examples
 
     out = tmp_path / "t1"
     shutil.copytree(runs["target"], out / "standard")
     preset = get_preset("smoke").__class__(name="t", description="", methods=("standard",), n_examples=2,
                                            roa_stride=16)
-    path = _examples(out, preset, str(runs["root"]), "cpu")
+    path = make_examples(out, preset, str(runs["root"]), "cpu")
     first = torch.load(path, weights_only=True)
-    assert _examples(out, preset, str(runs["root"]), "cpu") == path
+    assert make_examples(out, preset, str(runs["root"]), "cpu") == path
     assert torch.equal(torch.load(path, weights_only=True)["x_pgd"], first["x_pgd"])  # same model: reused
     mtime = path.stat().st_mtime_ns
-    _examples(out, preset, str(runs["root"]), "cpu", force=True)
+    make_examples(out, preset, str(runs["root"]), "cpu", force=True)
     assert path.stat().st_mtime_ns != mtime
     state = torch.load(out / "standard" / "model.pt", weights_only=True)
     torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, out / "standard" / "model.pt")
-    _examples(out, preset, str(runs["root"]), "cpu")
+    make_examples(out, preset, str(runs["root"]), "cpu")
     assert torch.load(path, weights_only=True)["made_with"]["model_digest"] != first["made_with"]["model_digest"]
 
 
@@ -163,9 +163,9 @@ def test_missing_table1_out_is_one_line(table, tmp_path, capsys):
 
 def test_clamped_n_eval_is_said(fake_data_root, capsys):
     from abnn.reproduce.presets import apply_overrides, get_preset
-    from abnn.reproduce.table1 import _note_clamped
+    from abnn.reproduce.table1 import note_clamped
 
-    _note_clamped(apply_overrides(get_preset("smoke"), ["n_eval=20000"]), str(fake_data_root))
+    note_clamped(apply_overrides(get_preset("smoke"), ["n_eval=20000"]), str(fake_data_root))
     assert "n_eval 20000 is more than the 32 test samples of cifar10; all 32 are used" in capsys.readouterr().out
 
 
@@ -236,7 +236,7 @@ def test_random_bytes_are_not_a_checkpoint(runs, tmp_path, capsys):
 
 
 def test_crafted_examples_file_is_one_line(tmp_path):
-    from abnn.report import load_examples
+    from abnn.reports.table1 import load_examples
 
     class Evil:
         def __reduce__(self):

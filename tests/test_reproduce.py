@@ -94,10 +94,52 @@ def test_set_bad_value_is_one_line_before_anything_runs(tmp_path, capsys):
 def test_table1_report_names_pgds_first_fooling_iterate(tmp_path):
     """The Table 1 report, written from the committed cpu results.json, says that its PGD keeps
     the first fooling iterate per sample."""
-    from abnn.report import write_table1_report
+    from abnn.reports.table1 import write_table1_report
 
     path = REPO / "docs" / "results" / "table1-cpu" / "results.json"
     if not path.is_file():
         pytest.skip(f"{path} not in this checkout")
     write_table1_report(tmp_path, json.loads(path.read_text()))
     assert "PGD-5 (first fooling iterate kept per sample)" in (tmp_path / "report.md").read_text()
+
+
+def test_table1_and_video_declare_train_points_on_the_shared_stages(tmp_path):
+    """Table 1 and video are TrainPoints scheduled by the studies' stage builders: one training
+    stage per point (ABNN after the substitute it pretrains), one ``eval:NAME`` per model, each
+    weighed by the method registry's expected cost; a finished ``eval_table.json`` is reused."""
+    from abnn.reproduce import get_preset, get_video_preset
+    from abnn.reproduce.stages import TableEval, stage_weight, train_and_eval_stages
+    from abnn.reproduce.table1 import table1_points
+    from abnn.reproduce.video import video_points
+    from abnn.training.methods import get_method
+
+    preset = get_preset("smoke")
+    points = table1_points(preset, tmp_path, None, "cpu")
+    by = {p.name: p for p in points}
+    assert list(by) == ["substitute", *preset.methods]
+    assert by["abnn"].after == ("substitute",) and by["abnn"].cfg.substitute == str(tmp_path / "substitute")
+    models = points[1:]
+    stages, done = train_and_eval_stages(points, models, TableEval.of(preset), None, "cpu", force=False)
+    assert not done and [s.name for s in stages] == [p.name for p in points] + [f"eval:{p.name}" for p in models]
+    assert {s.name: s.weight for s in stages if s.name in by} == {p.name: stage_weight(p.cfg) for p in points}
+    ratio = stage_weight(by["pgd-at"].cfg) / stage_weight(by["standard"].cfg)
+    assert ratio == get_method("pgd-at").cost(by["pgd-at"].cfg) / get_method("standard").cost(by["standard"].cfg)
+
+    video = get_video_preset("smoke")
+    assert [(p.name, p.after) for p in video_points(video, tmp_path, None, "cpu")] == [(m, ()) for m in video.methods]
+
+    spec = TableEval.of(preset)
+    (tmp_path / "standard").mkdir()
+    old = {"n_eval": preset.n_eval, "attack_options": preset.attack_options(), "seed": preset.seed, "clean_acc": 0.5}
+    (tmp_path / "standard" / "eval_table.json").write_text(json.dumps(old))
+    assert spec.finished(tmp_path / "standard")["clean_acc"] == 0.5
+    assert TableEval.of(preset.__class__(name="t", description="", seed=1)).finished(tmp_path / "standard") is None
+
+
+def test_preset_choices_come_from_the_preset_tables():
+    """`--preset` choices are the names of the preset tables, not a list written twice."""
+    from abnn.reproduce import PRESETS, VIDEO_PRESETS, preset_names
+
+    assert preset_names("video") == tuple(VIDEO_PRESETS) and preset_names("table1") == tuple(PRESETS)
+    assert preset_names("frontier") == tuple(PRESETS)
+    assert preset_names() == ("smoke", "cpu", "gpu", "paper")  # every table's, in order: the CLI's choices

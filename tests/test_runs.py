@@ -116,7 +116,7 @@ def test_resume_without_checkpoint_says_so(tmp_path, fake_data_root, capsys):
 def test_reproduce_reuses_a_stage_only_with_the_same_identity(tmp_path):
     """reproduce's stage check is the shared identity: it now also sees settings such as --val-size."""
     from abnn.errors import SettingsMismatchError
-    from abnn.reproduce.table1 import _finished_train
+    from abnn.reproduce.stages import finished_train
 
     run = tmp_path / "standard"
     cfg = TrainConfig(width=0.0625, epochs=1, val_size=64)
@@ -124,9 +124,9 @@ def test_reproduce_reuses_a_stage_only_with_the_same_identity(tmp_path):
     cfg.save(run / "config.json")
     (run / "model.pt").write_bytes(b"")
     write_json_atomic(run / "train_results.json", {"method": "standard"})
-    assert _finished_train(run, dataclasses.replace(cfg, device="cpu", num_threads=1)) == {"method": "standard"}
+    assert finished_train(run, dataclasses.replace(cfg, device="cpu", num_threads=1)) == {"method": "standard"}
     with pytest.raises(SettingsMismatchError, match=r"--val-size recorded 64, now 1000.*--fresh") as e:
-        _finished_train(run, dataclasses.replace(cfg, val_size=1000))
+        finished_train(run, dataclasses.replace(cfg, val_size=1000))
     assert [d.flag for d in e.value.differences] == ["--val-size"]
 
 

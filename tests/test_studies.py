@@ -142,7 +142,7 @@ def test_study_reports_regenerate_from_the_committed_results(tmp_path):
     the matched seconds ratio and what was not timed; every report names PGD-5's first-fooling
     iterate; the substitute study labels the target's moments as unused in eval mode."""
     from abnn.attacks.pgd import FIRST_FOOLING
-    from abnn.report_studies import write_frontier_report, write_substitute_study_report
+    from abnn.reports.studies import write_frontier_report, write_substitute_study_report
 
     docs = REPO / "docs" / "results"
     write_frontier_report(tmp_path, json.loads((docs / "frontier-cpu" / "results.json").read_text()))

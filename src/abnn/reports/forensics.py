@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..plotting import pyplot
-from ..report_studies import _pct
+from .common import pct, save_figure
 
 _ROWS = ("pgd", "pgd-target-only", "pgd-no-encoder-grad", "pgd-no-stats-grad", "pgd-clean-substitute", "pgd-train-bn",
          "pgd-typeA-detach")
@@ -38,13 +38,11 @@ def figure_forensics(records: list[dict], paper: float, path: Path, title: str) 
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _cell(rec: dict, key: str, row: str) -> str:
-    return _pct(rec[key][row]) if row in rec[key] else "n/a"
+    return pct(rec[key][row]) if row in rec[key] else "n/a"
 
 
 def attribution_table(records: list[dict]) -> list[str]:
@@ -66,8 +64,8 @@ def path_swap_table(records: list[dict]) -> list[str]:
              "|---|---:|---:|---:|---:|"]
     for r in records:
         s = r["path_swap"]
-        lines.append(f"| {r['label']} | {_pct(s['target_label'])} | {_pct(s['substitute_label'])} | "
-                     f"{_pct(s['neither'])} | {_pct(s['clean_acc'])} |")
+        lines.append(f"| {r['label']} | {pct(s['target_label'])} | {pct(s['substitute_label'])} | "
+                     f"{pct(s['neither'])} | {pct(s['clean_acc'])} |")
     return lines
 
 
@@ -85,14 +83,14 @@ def write_forensics_report(out: Path, summary: dict) -> None:
         lines += [f"Command: `{summary['command']}`", ""]
     head = "| PGD-5 protocol | " + " | ".join(r["label"] for r in recs) + " |"
     lines += [head, "|---|" + "---:|" * len(recs),
-              "| clean | " + " | ".join(_pct(r["clean_acc"]) for r in recs) + " |"]
+              "| clean | " + " | ".join(pct(r["clean_acc"]) for r in recs) + " |"]
     for row in _ROWS:
         if any(row in r["pgd5"] for r in recs):
             lines.append(f"| {_NAMES[row]} | " + " | ".join(_cell(r, "pgd5", row) for r in recs) + " |")
     lines += ["| PGD-20, full white-box | " + " | ".join(_cell(r, "pgd20", "pgd") for r in recs) + " |",
               "| PGD-20, the protocol that left the most | " + " | ".join(
                   f"{_cell(r, 'pgd20', r['pgd20_protocol'])} ({r['pgd20_protocol']})" for r in recs) + " |",
-              f"| *paper, ABNN under PGD-5* | {_pct(paper)} |" + " |" * (len(recs) - 1), "",
+              f"| *paper, ABNN under PGD-5* | {pct(paper)} |" + " |" * (len(recs) - 1), "",
               "![protocol x model](forensics.png)", "",
               "## Where the gradient goes (exact attribution, medians over the images)", "",
               "The input gradient of the cross-entropy splits exactly into the part through the target's own "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..plotting import pyplot
-from ..report_studies import _header, _pct
+from .common import pct, save_figure, study_header
 from .forensics import attribution_table, path_swap_table
 
 _CLOCK_NAMES = {"train_cpu_seconds": "CPU s", "train_seconds": "wall s"}
@@ -39,9 +39,7 @@ def figure_robust_substitute(records: list[dict], clock: str, path: Path, title:
     axes[0].scatter([], [], facecolors="none", edgecolors="k", label="k = 20 targets")
     axes[0].legend(fontsize=7, loc="upper right")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _minutes(v: float | None) -> str:
@@ -54,7 +52,7 @@ def _aa_cell(aa: dict) -> str:
     if "skipped" in aa:
         return "not run"
     agree = "agrees sample by sample" if aa["agree_sample_by_sample"] else "differs per sample"
-    return f"{_pct(aa['autoattack_acc'])} (ours {_pct(aa['ours_acc'])}, {agree})"
+    return f"{pct(aa['autoattack_acc'])} (ours {pct(aa['ours_acc'])}, {agree})"
 
 
 def write_robust_substitute_report(out: Path, summary: dict) -> None:
@@ -62,7 +60,7 @@ def write_robust_substitute_report(out: Path, summary: dict) -> None:
     recs = summary["records"]
     figure_robust_substitute(recs, clock, out / "robust_substitute.png",
                              f"Robust substitute study ({summary['preset']['name']} preset): accuracy vs amortised cost")
-    lines = _header("Can ABNN carry robustness? A robust substitute pretrained once", summary)
+    lines = study_header("Can ABNN carry robustness? A robust substitute pretrained once", summary)
     lines += ["**This study breaks the paper's premise on purpose**: the substitutes of the `robust` rows are "
               "adversarially trained (Fast-AT, eps 8/255), which the paper's ABNN never needs; rows marked in-domain "
               "also use a substitute trained on CIFAR-10 itself. `pgd` keeps, per sample, the first iterate that "
@@ -76,8 +74,8 @@ def write_robust_substitute_report(out: Path, summary: dict) -> None:
         sub = "none" if s is None else ("robust" if r["robust_substitute"] else "clean") + (
             ", in-domain" if r["in_domain"] else "")
         am = r["amortised"].get(clock, {})
-        lines.append(f"| {r['label']} | {sub} | {_pct(r['clean_acc'])} | {_pct(r['robust_acc'].get('pgd'))} | "
-                     f"**{_pct(r['worst_case_acc'])}** | {_aa_cell(r['autoattack'])} | {t['N_per_step']:g} | "
+        lines.append(f"| {r['label']} | {sub} | {pct(r['clean_acc'])} | {pct(r['robust_acc'].get('pgd'))} | "
+                     f"**{pct(r['worst_case_acc'])}** | {_aa_cell(r['autoattack'])} | {t['N_per_step']:g} | "
                      f"{t['total_N']:,} | {_minutes(t[clock])} | {_minutes(s[clock] if s else None)} | "
                      + " | ".join(_minutes(am.get(k)) for k in ks) + " |")
     lines += ["", f"Costs: the target's counted passes (N = one network pass over a batch) and its measured training "
@@ -96,8 +94,8 @@ def write_robust_substitute_report(out: Path, summary: dict) -> None:
                   *attribution_table(abnn), "", *path_swap_table(abnn), ""]
     subs = {r["substitute_run"]: r["substitute_cost"] for r in recs if r["substitute_cost"]}
     lines += ["Substitutes:", ""] + [
-        f"- `{run}`: validation accuracy {_pct(c['final_val_acc'])}"
-        + (f", best per-epoch PGD-5 {_pct(c['best_val_pgd_acc'])}" if c.get("best_val_pgd_acc") is not None else "")
+        f"- `{run}`: validation accuracy {pct(c['final_val_acc'])}"
+        + (f", best per-epoch PGD-5 {pct(c['best_val_pgd_acc'])}" if c.get("best_val_pgd_acc") is not None else "")
         + f", {c['epochs']} epochs, {c['N_per_step']:g}N/step" for run, c in subs.items()]
     lines += ["", "![accuracy vs amortised cost](robust_substitute.png)", ""]
     (out / "report.md").write_text("\n".join(lines))

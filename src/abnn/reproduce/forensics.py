@@ -34,10 +34,9 @@ from ..runs import read_json, run_lock
 from ..training.loop import software_versions
 from .frontier import frontier_points, study_settings
 from .presets import PAPER_TABLE1, Table1Preset
-from .schedule import Stage, plan_workers, run_stages
-from .stages import STUDY_LOCK_WAIT, TrainPoint, place, train_stages, with_progress
+from .schedule import Stage
+from .stages import STUDY_LOCK_WAIT, TrainPoint, log, place, schedule, train_stages
 from .substitute_study import abnn_point, substitutes
-from .table1 import _log
 
 #: the weaker threat models, registry names; the last one needs type-A shortcuts in the substitute
 PROTOCOLS = ("pgd-target-only", "pgd-no-encoder-grad", "pgd-no-stats-grad", "pgd-clean-substitute", "pgd-train-bn",
@@ -91,7 +90,7 @@ def job_forensics(run: Path, spec: ForensicsEval, data_root: str | None, device:
 
     path = run / FORENSICS_FILE
     if path.is_file() and not force and read_json(path).get("spec") == spec.key():
-        _log(f"{run.name}: forensics finished earlier, reused")
+        log(f"{run.name}: forensics finished earlier, reused")
         return read_json(path)
     with run_lock(run, wait=STUDY_LOCK_WAIT):
         model, cfg = load_run(run, device=device)
@@ -132,11 +131,7 @@ def run_forensics(preset: Table1Preset, out: str | Path, *, studies_dir: str | P
     for p in models:
         stages.append(Stage(f"forensics:{p.name}", job_forensics, (p.run, spec, data_root, device, force),
                             after=(p.name,) if p.name not in done else (), weight=0.5))
-    workers, per_stage = plan_workers(jobs, threads, stages)
-    with_progress(stages, workers, progress)
-    _log(f"forensics: {len(stages)} stages to run, {len(done)} reused; {workers} at a time")
-    results = run_stages(stages, workers=workers, threads=per_stage, done=done,
-                         on_done=lambda name, _: _log(f"stage {name} done"))
+    results, workers, per_stage = schedule("forensics", stages, done, jobs=jobs, threads=threads, progress=progress)
     records = [{"name": p.name, "label": LABELS.get(p.name, p.name), "run": str(p.run),
                 **results[f"forensics:{p.name}"]} for p in models]
     summary = {"preset": preset.to_dict(), "records": records, "evaluation": spec.key(), "paper_pgd": PAPER_PGD,
@@ -144,5 +139,5 @@ def run_forensics(preset: Table1Preset, out: str | Path, *, studies_dir: str | P
                "threads_per_stage": per_stage, "pipeline_seconds_this_call": time.perf_counter() - t_start}
     write_json_atomic(out / "results.json", json.loads(json.dumps(summary)))
     write_forensics_report(out, summary)
-    _log(f"report written to {out / 'report.md'}")
+    log(f"report written to {out / 'report.md'}")
     return summary

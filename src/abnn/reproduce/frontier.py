@@ -21,9 +21,8 @@ from pathlib import Path
 from ..config import TrainConfig, write_json_atomic
 from ..training.loop import VALIDATION_CLOCKS, software_versions
 from .presets import Table1Preset
-from .schedule import Stage, plan_workers, run_stages
-from .stages import StudyEval, TrainPoint, eval_of, eval_stages, place, train_stages, with_progress
-from .table1 import _job_train, _log
+from .schedule import Stage
+from .stages import StudyEval, TrainPoint, eval_of, job_train, log, place, schedule, train_and_eval_stages
 
 #: every point of the frontier, in report order
 FRONTIER = ("standard", "abnn", "fast-at", "pgd-at", "pgd-at-matched")
@@ -95,7 +94,7 @@ def matching(abnn: dict, pgdat: dict) -> dict:
     return {"clock": CLOCKS[clock], "clock_key": clock, "abnn_seconds": abnn[clock], "pgd_at_seconds": pgdat[clock],
             "pgd_at_epochs": epochs, "pgd_at_steps": steps, "pgd_at_seconds_per_step": per_step,
             "matched_steps": budget, "matched_epochs": math.ceil(budget * epochs / steps),
-            "predicted_seconds": budget * per_step}
+            "predicted_seconds": budget * per_step, "tolerance": MATCH_TOLERANCE}
 
 
 def _job_matched(run: Path, base: TrainConfig, abnn_run: Path, pgdat_run: Path, force: bool,
@@ -104,7 +103,7 @@ def _job_matched(run: Path, base: TrainConfig, abnn_run: Path, pgdat_run: Path, 
 
     m = matching(read_json(abnn_run / "train_results.json"), read_json(pgdat_run / "train_results.json"))
     cfg = dataclasses.replace(base, epochs=m["matched_epochs"], total_steps=m["matched_steps"])
-    return _job_train(run, cfg, force, progress)
+    return job_train(run, cfg, force, progress)
 
 
 def matched_stage(by: dict[str, TrainPoint], done: dict, force: bool) -> list[Stage]:
@@ -144,7 +143,7 @@ def run_frontier(preset: Table1Preset, out: str | Path, *, table1_dir: str | Pat
                  command: str = "", jobs: int | None = None, threads: int | None = None) -> dict:
     """Train (or reuse) and evaluate the five frontier models; write report.md, results.json,
     frontier.png and fast_at_epochs.png into ``out``."""
-    from ..report_studies import write_frontier_report
+    from ..reports.studies import write_frontier_report
     from ..runs import read_json
 
     out = Path(out)
@@ -156,21 +155,15 @@ def run_frontier(preset: Table1Preset, out: str | Path, *, table1_dir: str | Pat
     matched = by["pgd-at-matched"]
     if matched.is_finished() and not force:  # its step budget was fixed when it trained
         matched.cfg = TrainConfig.load(matched.run / "config.json")
-    stages, done = train_stages([p for p in points if p.name != "pgd-at-matched"], force=force)
+    models = [by[m] for m in FRONTIER]
+    spec = study_eval(preset)
+    stages, done = train_and_eval_stages([p for p in points if p is not matched], models, spec, data_root, device,
+                                         force=force)
     to_train = matched_stage(by, done, force)
     stages += to_train
     if not to_train:
         done["pgd-at-matched"] = read_json(matched.run / "train_results.json")
-    models = [by[m] for m in FRONTIER]
-    spec = study_eval(preset)
-    ev_stages, ev_done = eval_stages(models, spec, data_root, device, force=force)
-    stages += ev_stages
-    done.update(ev_done)
-    workers, per_stage = plan_workers(jobs, threads, stages)
-    with_progress(stages, workers, progress)
-    _log(f"frontier: {len(stages)} stages to run, {len(done)} reused; {workers} at a time, {per_stage} thread(s) each")
-    results = run_stages(stages, workers=workers, threads=per_stage, done=done,
-                         on_done=lambda name, _: _log(f"stage {name} done") if workers > 1 else None)
+    results, workers, per_stage = schedule("frontier", stages, done, jobs=jobs, threads=threads, progress=progress)
     matched.cfg = TrainConfig.load(matched.run / "config.json")
 
     records = [frontier_record(p, results[p.name], eval_of(p, models, results), p.run) for p in models]
@@ -185,7 +178,7 @@ def run_frontier(preset: Table1Preset, out: str | Path, *, table1_dir: str | Pat
     }
     write_json_atomic(out / "results.json", summary)
     write_frontier_report(out, summary)
-    _log(f"report written to {out / 'report.md'}")
+    log(f"report written to {out / 'report.md'}")
     return summary
 
 

@@ -308,3 +308,15 @@ def get_video_preset(name: str) -> VideoPreset:
     if name not in VIDEO_PRESETS:
         raise AbnnError(f"unknown video preset {name!r}; choose one of {', '.join(VIDEO_PRESETS)}")
     return VIDEO_PRESETS[name]
+
+
+def preset_names(table: str | None = None) -> tuple[str, ...]:
+    """The names ``--preset`` accepts: the video presets for ``table="video"``, the Table 1
+    presets for any other table (the studies run on those), and every name of both tables, in
+    table order, for ``None`` (the choices of ``abnn reproduce --preset``)."""
+    if table == "video":
+        return tuple(VIDEO_PRESETS)
+    if table is not None:
+        return tuple(PRESETS)
+    return tuple(dict.fromkeys([*PRESETS, *VIDEO_PRESETS]))
+

@@ -35,9 +35,8 @@ from ..models import RESNET18_STAGES
 from ..training.loop import clean_val_size, software_versions
 from .frontier import common_clock, frontier_points, study_eval
 from .presets import Table1Preset
-from .schedule import Stage, plan_workers, run_stages
-from .stages import STUDY_LOCK_WAIT, TrainPoint, eval_of, eval_stages, place, train_stages, with_progress
-from .table1 import _log
+from .schedule import Stage
+from .stages import STUDY_LOCK_WAIT, TrainPoint, eval_of, log, place, schedule, train_and_eval_stages
 
 #: a row is attacked with the authors' AutoAttack when its worst case exceeds this
 AUTOATTACK_ABOVE = 0.05
@@ -197,18 +196,13 @@ def run_robust_substitute(preset: Table1Preset, out: str | Path, *, studies_dir:
     by = {p.name: p for p in points}
     models = [by[r.name] for r in ROWS]
     spec, st = study_eval(preset), study_settings(preset)
-    stages, done = train_stages(points, force=force)
-    ev, ev_done = eval_stages(models, spec, data_root, device, force=force)
-    stages += ev + _aa_stages(models, st, data_root, device, force)
+    stages, done = train_and_eval_stages(points, models, spec, data_root, device, force=force)
+    stages += _aa_stages(models, st, data_root, device, force)
     stages += [Stage(f"attr:{p.name}", job_attribution,
                      (p.run, spec.n_eval, spec.batch_size, spec.seed, data_root, device, force),
                      after=(f"eval:{p.name}",), weight=0.3) for p in models if p.cfg.method == "abnn"]
-    done.update(ev_done)
-    workers, per_stage = plan_workers(jobs, threads, stages)
-    with_progress([s for s in stages if not s.name.startswith(("aa:", "attr:"))], workers, progress)
-    _log(f"robust substitute: {len(stages)} stages to run, {len(done)} reused; {workers} at a time")
-    results = run_stages(stages, workers=workers, threads=per_stage, done=done,
-                         on_done=lambda name, _: _log(f"stage {name} done"))
+    results, workers, per_stage = schedule("robust substitute", stages, done, jobs=jobs, threads=threads,
+                                           progress=progress, quiet=("aa:", "attr:"))
     records = [row_record(r, by, models, results) for r in ROWS]
     summary = {"preset": preset.to_dict(), "records": records, "evaluation": spec.key(),
                "clock": common_clock(*(results[p.name] for p in points)), "amortise_over": list(AMORTISE_OVER),
@@ -217,7 +211,7 @@ def run_robust_substitute(preset: Table1Preset, out: str | Path, *, studies_dir:
                "threads_per_stage": per_stage, "pipeline_seconds_this_call": time.perf_counter() - t_start}
     write_json_atomic(out / "results.json", summary)
     write_robust_substitute_report(out, summary)
-    _log(f"report written to {out / 'report.md'}")
+    log(f"report written to {out / 'report.md'}")
     return summary
 
 

@@ -20,10 +20,8 @@ from pathlib import Path
 
 from .frontier import frontier_points, matched_stage, run_frontier, study_eval
 from .presets import Table1Preset
-from .schedule import plan_workers, run_stages
-from .stages import TrainPoint, eval_stages, train_stages, with_progress
+from .stages import TrainPoint, log, schedule, train_and_eval_stages
 from .substitute_study import abnn_point, analysis_stages, run_substitute_study, substitutes
-from .table1 import _log
 
 
 def study_points(preset: Table1Preset, out: Path, data_root: str | None, device: str
@@ -58,21 +56,16 @@ def run_studies(preset: Table1Preset, out: str | Path, *, data_root: str | None 
     t_start = time.perf_counter()
     points, analysed = study_points(preset, out, data_root, device)
     by = {p.name: p for p in points}
-    stages, done = train_stages([p for p in points if p is not by["pgd-at-matched"]], force=force)
-    stages += matched_stage(by, done, force)
     spec = study_eval(preset)
     models = [p for p in points if p.name != "substitute" and not p.name.startswith("sub:")]
-    ev, ev_done = eval_stages(models, spec, data_root, device, force=force)
-    stages += ev
-    done.update(ev_done)
+    stages, done = train_and_eval_stages([p for p in points if p is not by["pgd-at-matched"]], models, spec,
+                                         data_root, device, force=force)
+    stages += matched_stage(by, done, force)
     stages += analysis_stages(analysed, spec, data_root, device, force)
-    workers, per_stage = plan_workers(jobs, threads, stages)
-    with_progress([s for s in stages if not s.name.startswith("analysis:")], workers, progress)
-    _log(f"studies: {len(stages)} stages to run, {len(done)} reused; {workers} at a time, {per_stage} thread(s) each")
-    run_stages(stages, workers=workers, threads=per_stage, done=done,
-               on_done=lambda name, _: _log(f"stage {name} done"))
+    _, _, per_stage = schedule("studies", stages, done, jobs=jobs, threads=threads, progress=progress,
+                               quiet=("analysis:",))
     kw = dict(data_root=data_root, device=device, progress=progress, command=command, jobs=1, threads=per_stage)
     frontier = run_frontier(preset, out / "frontier", **kw)
     study = run_substitute_study(preset, out / "substitute-study", table1_dir=out / "frontier", **kw)
-    _log(f"studies: {time.perf_counter() - t_start:.0f} s in this call")
+    log(f"studies: {time.perf_counter() - t_start:.0f} s in this call")
     return {"frontier": frontier, "substitute_study": study}

@@ -36,10 +36,9 @@ from ..runs import load_run, read_json, run_lock
 from ..training.loop import software_versions
 from .frontier import study_eval
 from .presets import Table1Preset
-from .schedule import Stage, plan_workers, run_stages
-from .stages import (STUDY_LOCK_WAIT, StudyEval, TrainPoint, eval_of, eval_stages, place, train_stages,
-                     with_progress)
-from .table1 import _log
+from .schedule import Stage
+from .stages import (STUDY_LOCK_WAIT, StudyEval, TrainPoint, eval_of, log, place, schedule,
+                     train_and_eval_stages)
 
 #: the reference ResNet-20's taps, paired in order with the target's five stages (by resolution:
 #: 32x32, 32x32, 16x16, 8x8, 8x8; ResNet-20 has three stages of three blocks)
@@ -197,7 +196,7 @@ def run_substitute_study(preset: Table1Preset, out: str | Path, *, table1_dir: s
                          threads: int | None = None) -> dict:
     """Train (or reuse) the substitutes and their ABNN models, evaluate them, measure the
     statistics shift; write report.md, results.json and substitute_study.png into ``out``."""
-    from ..report_studies import write_substitute_study_report
+    from ..reports.studies import write_substitute_study_report
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,16 +205,10 @@ def run_substitute_study(preset: Table1Preset, out: str | Path, *, table1_dir: s
     subs, sub_points = substitutes(preset, out, table1, data_root, device)
     models = [abnn_point(preset, s, out, table1, data_root, device) for s in subs]
     spec = study_eval(preset)
-    stages, done = train_stages(sub_points + models, force=force)
-    ev, ev_done = eval_stages(models, spec, data_root, device, force=force)
-    stages += ev
-    done.update(ev_done)
+    stages, done = train_and_eval_stages(sub_points + models, models, spec, data_root, device, force=force)
     stages += analysis_stages([(p, s.val_dataset) for s, p in zip(subs, models)], spec, data_root, device, force)
-    workers, per_stage = plan_workers(jobs, threads, stages)
-    with_progress([s for s in stages if not s.name.startswith("analysis:")], workers, progress)
-    _log(f"substitute study: {len(stages)} stages to run, {len(done)} reused; {workers} at a time")
-    results = run_stages(stages, workers=workers, threads=per_stage, done=done,
-                         on_done=lambda name, _: _log(f"stage {name} done") if workers > 1 else None)
+    results, workers, per_stage = schedule("substitute study", stages, done, jobs=jobs, threads=threads,
+                                           progress=progress, quiet=("analysis:",))
 
     records = []
     for sub, p in zip(subs, models):
@@ -234,5 +227,5 @@ def run_substitute_study(preset: Table1Preset, out: str | Path, *, table1_dir: s
                "pipeline_seconds_this_call": time.perf_counter() - t_start}
     write_json_atomic(out / "results.json", summary)
     write_substitute_study_report(out, summary)
-    _log(f"report written to {out / 'report.md'}")
+    log(f"report written to {out / 'report.md'}")
     return summary

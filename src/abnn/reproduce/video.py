@@ -10,33 +10,48 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from ..config import write_json_atomic
 from ..files import ensure_writable
 from .presets import PAPER_VIDEO, VideoPreset
-from .table1 import _examples, _log, _record, _stage_eval, _stage_train
+from .stages import TableEval, TrainPoint, log, schedule, train_and_eval_stages
+from .table1 import make_examples, table_record
+
+
+def video_points(preset: VideoPreset, out: Path, data_root: str | None, device: str) -> list[TrainPoint]:
+    """One run folder ``out / METHOD`` per method of the preset (the substitute is a weights file)."""
+    points = []
+    for method in preset.methods:
+        cfg = preset.method_config(method)
+        cfg.data_root, cfg.device = data_root, device
+        points.append(TrainPoint(method, out / method, cfg))
+    return points
 
 
 def run_video_tables(preset: VideoPreset, out: str | Path, *, data_root: str | None = None, device: str = "cpu",
-                     force: bool = False, progress: bool = True, command: str = "") -> dict:
-    """Train and evaluate every method of ``preset``; write report.md, results.json, figures."""
-    from ..report import write_video_report
+                     force: bool = False, progress: bool = True, command: str = "", jobs: int | None = 1,
+                     threads: int | None = None) -> dict:
+    """Train and evaluate every method of ``preset``; write report.md, results.json, figures.
+
+    The stages run one at a time (``jobs``) with the process's torch threads (``threads``) by
+    default, as Table 1's do with ``--jobs 1``."""
+    from ..reports.video import write_video_report
 
     out = Path(out)
     ensure_writable(out)
     t_start = time.perf_counter()
     write_json_atomic(out / "preset.json", preset.to_dict())
-    records = []
-    for method in preset.methods:
-        cfg = preset.method_config(method)
-        cfg.data_root = data_root
-        cfg.device = device
-        tr = _stage_train(out / method, cfg, force=force, progress=progress)
-        ev = _stage_eval(out / method, preset, data_root, device, force=force, progress=progress)
-        records.append(_record(method, cfg, tr, ev, PAPER_VIDEO[method]))
-    examples = _examples(out, preset, data_root, device, force=force)
-    results = {"preset": preset.to_dict(), "records": records, "command": command,
+    points = video_points(preset, out, data_root, device)
+    stages, done = train_and_eval_stages(points, points, TableEval.of(preset), data_root, device, force=force)
+    results, _, _ = schedule("video", stages, done, jobs=jobs, threads=threads or torch.get_num_threads(),
+                             progress=progress)
+    records = [table_record(p.name, p.cfg, results[p.name], results[f"eval:{p.name}"], PAPER_VIDEO[p.name])
+               for p in points]
+    examples = make_examples(out, preset, data_root, device, force=force)
+    summary = {"preset": preset.to_dict(), "records": records, "command": command,
                "pipeline_seconds_this_call": time.perf_counter() - t_start}
-    write_json_atomic(out / "results.json", results)
-    write_video_report(out, results, examples)
-    _log(f"report written to {out / 'report.md'}")
-    return results
+    write_json_atomic(out / "results.json", summary)
+    write_video_report(out, summary, examples)
+    log(f"report written to {out / 'report.md'}")
+    return summary

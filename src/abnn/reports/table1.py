@@ -1,22 +1,18 @@
-"""Reports: ``report.md`` (the paper's table layout, our numbers beside the paper's, every
-setting), and PNG figures (accuracy bars, training-time bars, a Figure-3-style example panel)."""
+"""The Table 1 report: ``report.md`` (the paper's table layout, our numbers beside the paper's,
+every setting), and PNG figures (accuracy bars, training-time bars, a Figure-3-style example
+panel); the figures and ``examples.pt`` loader that the video report (Tables 2 and 3) shares."""
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import platform
 from pathlib import Path
 
 import torch
 
-from .attacks.pgd import FIRST_FOOLING_NOTE
-from .plotting import pyplot
-
-
-
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.1f}"
+from ..attacks.pgd import FIRST_FOOLING_NOTE
+from ..plotting import pyplot
+from .common import generated, overrides_lines, pct, save_figure
 
 
 def _precision(preset: dict) -> str:
@@ -46,7 +42,7 @@ def figure_accuracy(records: list[dict], path: Path, title: str) -> None:
         xs = [j + (i - 1) * w for j in range(len(records))]
         bars = ax.bar(xs, [100 * (v or 0) for v in vals], w, label=f"{label} (ours)")
         for b, v in zip(bars, vals):
-            ax.text(b.get_x() + b.get_width() / 2, 100 * (v or 0) + 1, _pct(v), ha="center", fontsize=7)
+            ax.text(b.get_x() + b.get_width() / 2, 100 * (v or 0) + 1, pct(v), ha="center", fontsize=7)
     styles = {"clean": ("k--", -1), "pgd": ("k:", 0), "roa": ("k-.", 1)}
     shown = set()
     for j, r in enumerate(records):
@@ -63,9 +59,7 @@ def figure_accuracy(records: list[dict], path: Path, title: str) -> None:
     ax.set_ylim(0, 105)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, ncol=2, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def figure_cost(records: list[dict], path: Path, title: str) -> None:
@@ -86,9 +80,7 @@ def figure_cost(records: list[dict], path: Path, title: str) -> None:
     for a in (a1, a2):
         a.tick_params(labelsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def figure_examples(ex: dict, path: Path, magnify: float = 15.0) -> None:
@@ -115,12 +107,10 @@ def figure_examples(ex: dict, path: Path, magnify: float = 15.0) -> None:
             if j == 0:
                 ax.set_ylabel(label, fontsize=7)
     fig.suptitle(f"{ex.get('method', '')}: clean, PGD (eps 8/255) and ROA examples; titles = predictions", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def _write_figures(out: Path, records: list[dict], title: str, examples_path: Path | None, examples_fn) -> None:
+def write_figures(out: Path, records: list[dict], title: str, examples_path: Path | None, examples_fn) -> None:
     """accuracy.png, training_cost.png and, when examples were saved, examples.png."""
     figure_accuracy(records, out / "accuracy.png", title)
     figure_cost(records, out / "training_cost.png", title)
@@ -128,15 +118,28 @@ def _write_figures(out: Path, records: list[dict], title: str, examples_path: Pa
         examples_fn(load_examples(examples_path), out / "examples.png")
 
 
-#: what ``examples.pt`` holds (``abnn.reproduce.table1._examples``): tensors of one batch
+def figures_lines(out: Path) -> list[str]:
+    """The report's figures section: accuracy and training cost, and the examples when drawn."""
+    lines = ["## Figures", "", "![accuracy](accuracy.png)", "", "![training cost](training_cost.png)", ""]
+    if (out / "examples.png").is_file():
+        lines += ["![examples](examples.png)", ""]
+    return lines
+
+
+def pass_counts(record: dict) -> str:
+    """A record's counted passes per network, ``name: forward F/backward B``."""
+    return ", ".join(f"{k}: {c['forward']}F/{c['backward']}B" for k, c in record["cost_counts"].items())
+
+
+#: what ``examples.pt`` holds (``abnn.reproduce.table1.make_examples``): tensors of one batch
 EXAMPLE_TENSORS = ("x", "y", "x_pgd", "x_roa", "pred_clean", "pred_pgd", "pred_roa")
 
 
 def load_examples(path: str | os.PathLike) -> dict:
     """``examples.pt`` read safely (:func:`abnn.models.io.safe_torch_load`: no pickled code) and
     checked: the example tensors of one batch, else one :class:`~abnn.errors.CheckpointError` line."""
-    from .errors import CheckpointError
-    from .models.io import safe_torch_load
+    from ..errors import CheckpointError
+    from ..models.io import safe_torch_load
 
     ex = safe_torch_load(path)
     ok = isinstance(ex, dict) and all(isinstance(ex.get(k), torch.Tensor) for k in EXAMPLE_TENSORS)
@@ -150,12 +153,10 @@ def load_examples(path: str | os.PathLike) -> dict:
     return ex
 
 
-def overrides_lines(preset: dict) -> list[str]:
-    """The ``--set KEY=VALUE`` that changed the named preset (recorded in its ``overrides``)."""
-    over = preset.get("overrides") or ()
-    if not over:
-        return []
-    return [f"Overrides: {', '.join(f'`{o}`' for o in over)} (`--set`; every other setting is the preset's).", ""]
+def table_header(title: str, preset: dict, versions: dict, machine: str = "") -> list[str]:
+    """The opening of a table's report: title, versions (and ``machine``), preset, overrides."""
+    return [f"# {title}", "", f"{generated(versions)}{machine}).", "",
+            f"Preset: **{preset['name']}**: {preset['description']}.", "", *overrides_lines(preset)]
 
 
 def write_table1_report(out: Path, results: dict, examples_path: Path | None = None) -> None:
@@ -163,13 +164,10 @@ def write_table1_report(out: Path, results: dict, examples_path: Path | None = N
     records = results["records"]
     preset = results["preset"]
     title = f"Table 1 reproduction, preset {preset['name']}"
-    _write_figures(out, records, title, examples_path, figure_examples)
+    write_figures(out, records, title, examples_path, figure_examples)
 
     by = {r["method"]: r for r in records}
-    lines = [f"# {title}", "",
-             f"Generated {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by `abnn` "
-             f"{records[0]['versions']['abnn']} (torch {records[0]['versions']['torch']}, {platform.machine()}).", "",
-             f"Preset: **{preset['name']}**: {preset['description']}.", ""] + overrides_lines(preset)
+    lines = table_header(title, preset, records[0]["versions"], f", {platform.machine()}")
     if results.get("command"):
         lines += [f"Command: `{results['command']}`", ""]
     lines += ["## Table 1: CIFAR-10, white-box PGD and ROA (%)", "",
@@ -177,8 +175,8 @@ def write_table1_report(out: Path, results: dict, examples_path: Path | None = N
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         p = r["paper"]
-        lines.append(f"| {r['name']} | {_pct(r['clean_acc'])} | {_pct(r['robust_acc'].get('pgd'))} | "
-                     f"{_pct(r['robust_acc'].get('roa'))} | {_paper(p['clean'])} | {_paper(p['pgd'])} | {r['cost_N_per_step']:g}N | "
+        lines.append(f"| {r['name']} | {pct(r['clean_acc'])} | {pct(r['robust_acc'].get('pgd'))} | "
+                     f"{pct(r['robust_acc'].get('roa'))} | {_paper(p['clean'])} | {_paper(p['pgd'])} | {r['cost_N_per_step']:g}N | "
                      f"{_paper(p['cost'])} | {r['train_seconds'] / 60:.1f} min | {1000 * r['seconds_per_step']:.0f} ms |")
     lines += ["", "Cost counted: network passes per training step, counted by hooks while training ran. Train time "
               "and time / step are wall-clock seconds measured as the runs went; when stages ran concurrently or on a "
@@ -212,20 +210,17 @@ def write_table1_report(out: Path, results: dict, examples_path: Path | None = N
             lines.append(f"VGG-19-BN at width {sub.get('width')}, pretrained here on {sub.get('dataset')} "
                          f"({sub.get('train_size')} images, {sub.get('epochs')} epochs, "
                          f"{sub.get('train_seconds', 0) / 60:.1f} min): validation accuracy "
-                         f"**{_pct(sub.get('val_acc'))}%** on {sub.get('val_size')} images (200 classes). "
+                         f"**{pct(sub.get('val_acc'))}%** on {sub.get('val_size')} images (200 classes). "
                          "The paper's substitute is an ImageNet VGG-19-BN; this one is far weaker.")
         else:
             lines.append(f"VGG-19-BN with the weights `{sub.get('source')}`, trained on {sub.get('dataset')}.")
         lines.append("")
-    lines += ["## Figures", "", "![accuracy](accuracy.png)", "", "![training cost](training_cost.png)", ""]
-    if (out / "examples.png").is_file():
-        lines += ["![examples](examples.png)", ""]
+    lines += figures_lines(out)
     lines += ["## Settings", "", "| Method | width | epochs | train images | batch | eval images | counted passes per network | device, threads |",
               "|---|---:|---:|---:|---:|---:|---|---|"]
     for r in records:
-        counts = ", ".join(f"{k}: {v['forward']}F/{v['backward']}B" for k, v in r["cost_counts"].items())
         lines.append(f"| {r['name']} | {r['width']} | {r['epochs']} | {r['train_size']} | {r['batch_size']} | "
-                     f"{r['n_eval']} | {counts} | {r.get('device')}, {r.get('threads')} |")
+                     f"{r['n_eval']} | {pass_counts(r)} | {r.get('device')}, {r.get('threads')} |")
     lines += ["", "Attacks (white-box on the entire model; for ABNN through target and substitute):", ""]
     for name, rep in records[0]["attacks"].items():
         lines.append(f"- {name}: `{rep.split('(', 1)[0]}({rep.split('(', 1)[1] if '(' in rep else ''}`")
@@ -239,83 +234,5 @@ def write_table1_report(out: Path, results: dict, examples_path: Path | None = N
               "ABNN: adaptive BN after the stem and layer1..layer4, "
               f"substitute statistics `{by.get('abnn', {}).get('substitute', {}).get('stats', 'sample')}`, encoder "
               f"`{by.get('abnn', {}).get('substitute', {}).get('encoder', 'flatten')}`.", "",
-              "Full machine-readable results: `results.json`.", ""]
-    (out / "report.md").write_text("\n".join(lines))
-
-
-def figure_video_examples(ex: dict, path: Path, frames: int = 4, magnify: float = 15.0) -> None:
-    """A few frames of one clip: clean, PGD perturbation x``magnify``, PGD, ROA."""
-    plt = pyplot()
-
-    x, x_pgd, x_roa = ex["x"][0], ex["x_pgd"][0], ex["x_roa"][0]          # (C, T, H, W)
-    t_idx = torch.linspace(0, x.shape[1] - 1, min(frames, x.shape[1])).round().long().tolist()
-    rows = [("clean", x), (f"PGD pert. x{magnify:g}", (0.5 + magnify * (x_pgd - x)).clamp(0, 1)),
-            ("PGD", x_pgd), ("ROA", x_roa)]
-    names = ex.get("class_names") or []
-    fig, axes = plt.subplots(len(rows), len(t_idx), figsize=(1.6 * len(t_idx), 1.6 * len(rows)), dpi=100)
-    for i, (label, clip) in enumerate(rows):
-        for j, t in enumerate(t_idx):
-            ax = axes[i][j]
-            ax.imshow(clip[:, t].permute(1, 2, 0).numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j == 0:
-                ax.set_ylabel(label, fontsize=7)
-            if i == 0:
-                ax.set_title(f"frame {t}", fontsize=7)
-    pred = {k: int(ex[f"pred_{k}"][0]) for k in ("clean", "pgd", "roa")}
-    label = lambda i: names[i] if i < len(names) else str(i)  # noqa: E731
-    fig.suptitle(f"{ex.get('method', '')}: true {label(int(ex['y'][0]))}; predicted clean {label(pred['clean'])}, "
-                 f"PGD {label(pred['pgd'])}, ROA {label(pred['roa'])}", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def write_video_report(out: Path, results: dict, examples_path: Path | None = None) -> None:
-    """Tables 2 (PGD) and 3 (ROA) of the paper with our numbers beside them."""
-    out = Path(out)
-    records = results["records"]
-    preset = results["preset"]
-    title = f"Tables 2 and 3 reproduction (video), preset {preset['name']}"
-    _write_figures(out, records, title, examples_path, figure_video_examples)
-    v = records[0]["versions"]
-    lines = [f"# {title}", "",
-             f"Generated {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by `abnn` {v['abnn']} "
-             f"(torch {v['torch']}).", "", f"Preset: **{preset['name']}**: {preset['description']}.", ""]
-    lines += overrides_lines(preset)
-    if preset["name"] == "smoke":
-        lines += ["**These accuracies mean nothing**: 13 clips, trained and tested on the same clips, an untrained "
-                  "substitute. The smoke preset only proves that every stage of the video pipeline runs.", ""]
-    if results.get("command"):
-        lines += [f"Command: `{results['command']}`", ""]
-    for tab, key, attack in (("Table 2", "pgd", "PGD"), ("Table 3", "roa", "ROA")):
-        lines += [f"## {tab}: {preset['dataset']}, white-box {attack} (%)", "",
-                  f"| Method | Clean (ours) | {attack} (ours) | Clean (paper) | {attack} (paper) | Cost counted | Cost (paper) | Time / step |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in records:
-            p = r["paper"]
-            lines.append(f"| {r['name']} | {_pct(r['clean_acc'])} | {_pct(r['robust_acc'].get(key))} | {p['clean']} | "
-                         f"{p[key]} | {r['cost_N_per_step']:g}N | {p['cost']} | {1000 * r['seconds_per_step']:.0f} ms |")
-        lines.append("")
-    lines += ["Robust accuracy counts a clip only if it is classified correctly both clean and under attack.", "",
-              FIRST_FOOLING_NOTE, "",
-              "## Figures", "", "![accuracy](accuracy.png)", "", "![training cost](training_cost.png)", ""]
-    if (out / "examples.png").is_file():
-        lines += ["![examples](examples.png)", ""]
-    lines += ["## Settings", "", "| Method | architecture | width | epochs | train clips | batch | eval clips | counted passes per network |",
-              "|---|---|---:|---:|---:|---:|---:|---|"]
-    for r in records:
-        counts = ", ".join(f"{k}: {c['forward']}F/{c['backward']}B" for k, c in r["cost_counts"].items())
-        lines.append(f"| {r['name']} | {r['architecture']} | {r['width']} | {r['epochs']} | {r['train_size']} | "
-                     f"{r['batch_size']} | {r['n_eval']} | {counts} |")
-    lines += ["", "Attacks:", ""] + [f"- {k}: `{a}`" for k, a in records[0]["attacks"].items()]
-    sub = next((r.get("substitute") for r in records if r.get("substitute")), None)
-    if sub:
-        lines += ["", f"ABNN substitute: {sub['arch']} width {sub['width']}, source `{sub['source']}`, statistics "
-                      f"`{sub['stats']}`, encoder `{sub['encoder']}`."]
-    lines += ["", "OUDefend: the feature-restoration block after layer3, trained with PGD-AT (eps "
-              f"{preset['eps'] * 255:g}/255, alpha eps/4, {preset['at_steps']} steps); its block is counted as a "
-              "network of its own (the paper's 4N(t_max+1) assumes it costs as much as the target).", "",
               "Full machine-readable results: `results.json`.", ""]
     (out / "report.md").write_text("\n".join(lines))
