@@ -55,6 +55,7 @@ def _add_training(p: argparse.ArgumentParser, defaults: TrainConfig, *, target: 
 def build_parser() -> argparse.ArgumentParser:
     from .evaluation.command import SUITE_CHOICES, parse_source
     from .reproduce.command import TABLES
+    from .reproduce.presets import preset_names
     from .training.methods import METHODS
 
     parser = Parser(prog="abnn", description="Adaptive Batch Normalization Networks: train, attack, evaluate. "
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a whole table: substitute, every method, evaluation, report.md, results.json, "
                                    "figures. Finished stages are reused, interrupted ones continued; --fresh redoes them.")
     p.add_argument("table", choices=TABLES, help="; ".join(f"{k}: {v}" for k, v in TABLES.items()))
-    p.add_argument("--preset", dest="preset_name", default="cpu", choices=("smoke", "cpu", "gpu", "paper"),
+    p.add_argument("--preset", dest="preset_name", default="cpu", choices=preset_names(),
                    help="smoke: minutes, tiny; cpu: about 75 min on 2 cores (table1 only); gpu: one H100/H200-class GPU, "
                         "offline, about 6 min by estimate (table1); paper: full scale, GPU + network")
     p.add_argument("--estimate", action="store_true",
