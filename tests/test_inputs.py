@@ -298,12 +298,16 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_is_exact(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(TrainStep, "__call__", step_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(**cfg), tmp_path / "cut", progress=False)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # a known start: Python's own handler
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(TrainConfig(**cfg), tmp_path / "cut", progress=False)
+    finally:
+        restored = signal.signal(signal.SIGINT, outer)
     monkeypatch.setattr(TrainStep, "__call__", real)
+    assert restored is signal.default_int_handler  # the loop put back the handler it found
     ck = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert (ck["step"], ck["epoch"], ck["batch_in_epoch"], ck["epoch_done"]) == (3, 0, 3, False)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     train(TrainConfig(**cfg), tmp_path / "cut", resume=True, progress=False)
     train(TrainConfig(**cfg), tmp_path / "ref", progress=False)
     a = torch.load(tmp_path / "ref" / "model.pt", weights_only=True)
