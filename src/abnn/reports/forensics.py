@@ -33,11 +33,11 @@ def figure_forensics(records: list[dict], paper: float, path: Path, title: str) 
     ax.axhline(100 * paper, color="k", ls="--", lw=1, label=f"paper's ABNN under PGD-5 ({100 * paper:.1f}%)")
     ax.set_xticks(range(len(rows)), [r.replace("pgd-", "") if r != "pgd" else "white-box" for r in rows],
                   rotation=20, fontsize=8)
-    ax.set_ylabel("PGD-5 robust accuracy (%), scored on the unmodified model")
+    ax.set_ylabel("PGD-5 robust accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title + " (every example scored on the unmodified model)", fontsize=9)
     save_figure(fig, path)
 
 
