@@ -49,7 +49,7 @@ def log(msg: str) -> None:
 
 def _check_same(run: Path, cfg: TrainConfig) -> None:
     """A stage is reused or resumed only if it was recorded with the preset's defining settings."""
-    check_same_run(run, cfg, fix="the preset wants the new values: rerun with --force to redo it, or choose another --out")
+    check_same_run(run, cfg, fix="the preset wants the new values: rerun with --fresh to redo it, or choose another --out")
 
 
 def finished_train(run: Path, cfg: TrainConfig) -> dict | None:
