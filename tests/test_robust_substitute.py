@@ -96,6 +96,15 @@ def test_a_probe_trains_its_head_and_never_updates_the_frozen_substitute(fast_at
     assert res.cost_N_per_step == 3.0  # substitute forward, head forward and backward
 
 
+def test_autoattack_runs_only_on_rows_above_five_percent(tmp_path):
+    from abnn.reproduce.robust_substitute import job_autoattack
+
+    args = (200, 50, 0, None, "cpu", False)
+    assert "<= 5%" in job_autoattack(tmp_path, 50 / 1000, {}, *args)["skipped"]  # 5.0% is not above 5%
+    assert "autoattack_n = 0" in job_autoattack(tmp_path, 0.3, {}, 0, *args[1:])["skipped"]
+    assert not any(tmp_path.iterdir())  # nothing attacked, nothing written
+
+
 @pytest.mark.slow
 def test_robust_substitute_and_forensics_smoke_end_to_end(tmp_path, root, capfd):
     rs, fx = tmp_path / "rs", tmp_path / "fx"
@@ -114,6 +123,7 @@ def test_robust_substitute_and_forensics_smoke_end_to_end(tmp_path, root, capfd)
         assert am["1"] == t["total_N"] + (s["total_N"] if s else 0) and am["20"] <= am["5"] <= am["1"]
         assert r["worst_case_acc"] <= r["robust_acc"]["pgd"] <= r["clean_acc"]
         assert (r["attribution_median"] is not None) == (r["method"] == "abnn")  # the forensics' split per ABNN row
+        assert "autoattack_n = 0" in r["autoattack"]["skipped"]  # the smoke preset runs no AutoAttack
     assert "breaks the paper's premise on purpose" in (rs / "report.md").read_text()
     capfd.readouterr()
     # forensics reuses the frontier models the first study trained (its --studies-out layout)

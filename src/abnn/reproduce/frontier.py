@@ -36,12 +36,12 @@ class StudySettings:
 
     strong: tuple[str, ...]           # the strong white-box attacks of the worst case (registry specs)
     eval_batch_size: int = 250
-    autoattack_n: int = 200           # the authors' AutoAttack runs on the first this many test images
+    autoattack_n: int = 200           # the authors' AutoAttack runs on the first this many test images (0: none)
 
 
 STUDY_SETTINGS = {
     "smoke": StudySettings(strong=("apgd-ce:steps=5", "apgd-t:steps=5,n_target_classes=3"),
-                           eval_batch_size=48, autoattack_n=8),
+                           eval_batch_size=48, autoattack_n=0),  # smoke: no AutoAttack (minutes on a CPU)
     "cpu": StudySettings(strong=("apgd-ce:steps=100", "apgd-t:steps=100,n_target_classes=9")),
 }
 

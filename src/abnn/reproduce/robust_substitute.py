@@ -116,7 +116,9 @@ def job_autoattack(run: Path, worst_case: float, our_masks: dict, n: int, batch_
 
     path = run / AUTOATTACK_FILE
     key = {"n": n, "seed": seed, "batch_size": batch_size}
-    if worst_case <= AUTOATTACK_ABOVE:
+    if n == 0:
+        return {"skipped": "this preset runs no AutoAttack (autoattack_n = 0)"}
+    if worst_case <= AUTOATTACK_ABOVE + 1e-6:  # accuracies are float32 fractions: 50/1000 is not above 5%
         return {"skipped": f"worst case {100 * worst_case:.1f}% <= {100 * AUTOATTACK_ABOVE:g}%"}
     if path.is_file() and not force and read_json(path).get("key") == key:
         return read_json(path)
