@@ -1,7 +1,6 @@
 """The authors' exact variant as named options (issue 19, item 4): unbiased substitute std, their
 3D ResNet-18 substitute with type-A shortcuts, their clip-stack evaluation."""
 
-import copy
 
 import pytest
 import torch

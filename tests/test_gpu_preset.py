@@ -1,6 +1,5 @@
 """The `gpu` Table 1 preset: its settings, the CUDA refusal, the FLOP estimate, Fast-AT in Table 1."""
 
-import json
 
 import pytest
 

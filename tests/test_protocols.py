@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from abnn import ABNN
 from abnn.attacks import PROTOCOL, REGISTRY, ProtocolAttack, UnsupportedModelError, build_attack, parse_spec
 from abnn.framework import PROTOCOLS, ProtocolView
-from abnn.models import ResNet20, resnet18_cifar, vgg19_bn_substitute
+from abnn.models import ResNet20, resnet18_cifar
 
 
 @pytest.fixture

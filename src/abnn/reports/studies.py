@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..attacks.pgd import FIRST_FOOLING, FIRST_FOOLING_NOTE
 from ..plotting import pyplot
 from .common import pct, save_figure, study_header
 
