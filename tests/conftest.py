@@ -67,3 +67,19 @@ def write_fake_npz(root: Path, n_train: int = 64, n_test: int = 32, n_tiny: int 
 @pytest.fixture
 def fake_data_root(tmp_path) -> Path:
     return write_fake_npz(tmp_path / "data")
+
+
+def record(clean: str, rows: dict[str, str], *, spec: dict | None = None, eps: float = 8 / 255):
+    """An evaluation record made by hand: per-sample masks as "0"/"1" strings (clean, and each
+    L-inf attack's robust mask at ``eps``)."""
+    from abnn.evaluation.results import AttackResult, EvalResult, mask_from_str
+
+    def acc(m: str) -> float:
+        return m.count("1") / len(m)
+
+    attacks = {k: AttackResult(label=k, attack=k, kind="white-box", norm="linf", eps=eps, options={}, settings=k,
+                               seed=0, robust_acc=acc(m), seconds=1.0, robust_mask=mask_from_str(m))
+               for k, m in rows.items()}
+    return EvalResult(n_eval=len(clean), clean_acc=acc(clean), clean_mask=mask_from_str(clean), eps=eps,
+                      attacks=attacks, seed=0, batch_size=len(clean), device="cpu", threads=1,
+                      seconds=float(len(rows)), spec={"seed": 0} if spec is None else spec)

@@ -147,7 +147,7 @@ def test_toy_attack_appears_everywhere(toy, tmp_path, fake_data_root, capsys) ->
     assert main(["evaluate", str(run), "--attack", "toy", "--attack", "pgd:steps=1", "--n-eval", "4",
                  "--no-progress", "--data-root", str(fake_data_root)]) == 0
     ev = json.loads((run / "eval.json").read_text())
-    assert set(ev["attacks"]) == {"toy", "pgd:steps=1"} and ev["schema_version"] == 2
+    assert set(ev["attacks"]) == {"toy", "pgd:steps=1"} and ev["schema_version"] == 3
     assert ev["attacks"]["toy"]["settings"].startswith("Toy(")
 
 

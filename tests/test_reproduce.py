@@ -130,9 +130,12 @@ def test_table1_and_video_declare_train_points_on_the_shared_stages(tmp_path):
 
     spec = TableEval.of(preset)
     (tmp_path / "standard").mkdir()
-    old = {"n_eval": preset.n_eval, "attack_options": preset.attack_options(), "seed": preset.seed, "clean_acc": 0.5}
+    old = {"n_eval": preset.n_eval, "attack_options": preset.attack_options(), "seed": preset.seed, "clean_acc": 0.5,
+           "robust_acc": {"pgd": 0.25, "roa": 0.375}, "attacks": {"pgd": "PGD(...)", "roa": "ROA(...)"},
+           "attack_seconds": {"pgd": 1.0, "roa": 2.0}, "seconds": 3.0}  # the format before the one record format
     (tmp_path / "standard" / "eval_table.json").write_text(json.dumps(old))
-    assert spec.finished(tmp_path / "standard")["clean_acc"] == 0.5
+    ev = spec.finished(tmp_path / "standard")
+    assert (ev.clean_acc, ev.robust_acc, ev.attacks["roa"].seconds) == (0.5, {"pgd": 0.25, "roa": 0.375}, 2.0)
     assert TableEval.of(preset.__class__(name="t", description="", seed=1)).finished(tmp_path / "standard") is None
 
 

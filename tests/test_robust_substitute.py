@@ -15,7 +15,7 @@ from abnn.probe import Probe
 from abnn.runs import build_model_from_config, resolve_config
 from abnn.training import train
 from abnn.training.methods import batch_loss_for
-from conftest import shared_data_root
+from conftest import record, shared_data_root
 
 
 @pytest.fixture
@@ -99,9 +99,11 @@ def test_a_probe_trains_its_head_and_never_updates_the_frozen_substitute(fast_at
 def test_autoattack_runs_only_on_rows_above_five_percent(tmp_path):
     from abnn.reproduce.robust_substitute import job_autoattack
 
-    args = (200, 50, 0, None, "cpu", False)
-    assert "<= 5%" in job_autoattack(tmp_path, 50 / 1000, {}, *args)["skipped"]  # 5.0% is not above 5%
-    assert "autoattack_n = 0" in job_autoattack(tmp_path, 0.3, {}, 0, *args[1:])["skipped"]
+    args = (200, 50, None, "cpu", False)
+    five = record("1" * 1000, {"pgd": "1" * 50 + "0" * 950})
+    assert "<= 5%" in job_autoattack(tmp_path, five, *args)["skipped"]  # 5.0% is not above 5%
+    thirty = record("1" * 10, {"pgd": "1110000000"})
+    assert "autoattack_n = 0" in job_autoattack(tmp_path, thirty, 0, *args[1:])["skipped"]
     assert not any(tmp_path.iterdir())  # nothing attacked, nothing written
 
 

@@ -59,7 +59,7 @@ def test_run_attacks_api(trained) -> None:
     worst = res.worst_case()
     assert torch.equal(worst.robust_mask, torch.stack([r.robust_mask for r in res.attacks.values()]).all(0))
     d = json.loads(json.dumps(res.to_dict()))
-    assert d["schema_version"] == 2 and d["robust_acc"]["pgd"] == pgd.robust_acc
+    assert d["schema_version"] == 3 and d["robust_acc"]["pgd"] == pgd.robust_acc
     back = EvalResult.from_dict(d)
     assert torch.equal(back.attacks["pgd"].robust_mask, pgd.robust_mask)
     assert back.worst_case().robust_acc == worst.robust_acc

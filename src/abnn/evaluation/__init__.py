@@ -8,12 +8,12 @@
 from .attribution import Attribution, PathSwap, gradient_attribution, path_swap, summarize_attribution
 from .clips import ClipStackEvaluator
 from .crosscheck import crosscheck_torchattacks
-from .results import SCHEMA_VERSION, AttackResult, Curve, EvalResult, SuiteResult, WorstCase
+from .results import SCHEMA_VERSION, AttackResult, Curve, EvalResult, SuiteResult, WorstCase, read_evaluation
 from .runner import PROGRESS_FILE, derive_seed, evaluate_run, run_attacks
 from .suites import BUDGETS, SUITES, run_suite, run_suite_on_run, suite_specs
 
 __all__ = ["Attribution", "PathSwap", "gradient_attribution", "path_swap", "summarize_attribution",
             "ClipStackEvaluator"]
 __all__ += ["AttackResult", "BUDGETS", "Curve", "EvalResult", "PROGRESS_FILE", "SCHEMA_VERSION", "SUITES",
-           "SuiteResult", "WorstCase", "crosscheck_torchattacks", "derive_seed", "evaluate_run", "run_attacks",
-           "run_suite", "run_suite_on_run", "suite_specs"]
+           "SuiteResult", "WorstCase", "crosscheck_torchattacks", "derive_seed", "evaluate_run", "read_evaluation",
+           "run_attacks", "run_suite", "run_suite_on_run", "suite_specs"]

@@ -2,15 +2,22 @@
 
 :class:`AttackResult` is one attack over a dataset; :class:`EvalResult` is what the runner
 returns (clean accuracy, every attack, the per-sample worst case); :class:`SuiteResult` adds the
-robustness checklist (curves, checks, flags, verdict).  ``to_dict`` gives the JSON written to
-``eval.json`` / ``autoattack.json`` (an :class:`EvalResult`) and ``suite.json`` (a
-:class:`SuiteResult`); ``from_dict`` reads them back, old files included.
+robustness checklist (curves, checks, flags, verdict).
 
-Schema, version 2 (``schema_version``; files without it are version 1, see below)::
+**One evaluation record format.**  Every file that records attacks over a dataset is an
+:class:`EvalResult`'s ``to_dict``: ``abnn evaluate``'s ``eval.json`` / ``autoattack.json``, and the
+reproduce pipelines' ``eval_table.json`` (Tables 1-3), ``eval_strong.json`` (the studies),
+``forensics_eval.json`` and ``autoattack_official.json``; ``suite.json`` is a :class:`SuiteResult`,
+that record plus the checklist.  :func:`read_evaluation` reads any of them back, the files of
+earlier versions included (see "Older files" below).
 
-    eval.json / autoattack.json
-      schema_version  2
+Schema, version 3 (``schema_version``; files without it are version 1, see below)::
+
+    eval.json, eval_table.json, eval_strong.json, forensics_eval.json, autoattack_official.json
+      schema_version  3
       type            "evaluation"
+      spec            null, or the settings a pipeline made this evaluation with; a rerun reuses
+                      the file only when they match (version 3)
       n_eval          number of samples (the first n_eval of the test split)
       clean_acc       fraction correct on clean inputs
       clean_mask      per sample "0"/"1" string: correct on the clean input
@@ -51,22 +58,30 @@ Schema, version 2 (``schema_version``; files without it are version 1, see below
       breaks and no white-box attack does}), eps_curve, steps_curve, gradients, batch_checks,
       flags, verdict ("PASS" | "SUSPECT"), generated.
 
-Version 1 (suite.json before schema_version): attack rows held kind, settings, robust_acc and
-seconds only, without masks; sweep points were not rows.  They load with ``robust_mask=None``.
+Older files.  Version 2 is version 3 without ``spec``.  Version 1 (suite.json before
+schema_version): attack rows held kind, settings, robust_acc and seconds only, without masks;
+sweep points were not rows.  They load with ``robust_mask=None``.  Before version 3 the pipelines
+wrote their own formats, read by :func:`read_evaluation`: ``eval_table.json`` held ``n_eval``,
+``clean_acc``, ``robust_acc``, ``attacks`` (label: settings), ``attack_seconds``,
+``attack_options`` and ``seed`` (rows load without masks), and ``eval_strong.json`` wrapped a
+version-2 record as ``result`` beside its ``spec``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["AttackResult", "Curve", "EvalResult", "SCHEMA_VERSION", "SuiteResult", "WorstCase"]
+__all__ = ["AttackResult", "Curve", "EvalResult", "SCHEMA_VERSION", "SuiteResult", "WorstCase", "read_evaluation"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def mask_to_str(mask: Tensor | None) -> str | None:
@@ -157,6 +172,21 @@ class EvalResult:
     resumed: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     x_worst: Tensor | None = field(default=None, repr=False)  # worst-case inputs (runner option); not saved
+    spec: dict[str, Any] | None = None  # the settings a pipeline made it with (its reuse key)
+
+    @property
+    def robust_acc(self) -> dict[str, float]:
+        """Robust accuracy by attack label."""
+        return {k: r.robust_acc for k, r in self.attacks.items()}
+
+    def merged(self, other: "EvalResult") -> "EvalResult":
+        """This evaluation with the attack rows of ``other``, a second evaluation of the same
+        model on the same samples (its clean mask must agree)."""
+        if other.n_eval != self.n_eval or (self.clean_mask is not None and other.clean_mask is not None
+                                           and not torch.equal(self.clean_mask, other.clean_mask)):
+            raise ValueError("merged: the two evaluations are not of the same model on the same samples")
+        return dataclasses.replace(self, attacks={**self.attacks, **other.attacks}, seconds=self.seconds + other.seconds,
+                                   resumed=self.resumed + other.resumed, x_worst=None)
 
     def worst_case(self, eps: float | None = None) -> WorstCase:
         """Per-sample worst case over every L-inf attack run at ``eps`` (default: the evaluated
@@ -182,10 +212,11 @@ class EvalResult:
             worst: dict[str, Any] | None = self.worst_case().to_dict()
         except ValueError:
             worst = None
-        return {"schema_version": SCHEMA_VERSION, "type": "evaluation", **self.metadata, "n_eval": self.n_eval,
+        return {"schema_version": SCHEMA_VERSION, "type": "evaluation", "spec": self.spec, **self.metadata,
+                "n_eval": self.n_eval,
                 "clean_acc": self.clean_acc, "clean_mask": mask_to_str(self.clean_mask), "eps": self.eps,
                 "eps_255": None if self.eps is None else self.eps * 255,
-                "robust_acc": {k: r.robust_acc for k, r in self.attacks.items()},
+                "robust_acc": self.robust_acc,
                 "attacks": {k: r.to_dict() for k, r in self.attacks.items()}, "worst_case": worst,
                 "seed": self.seed, "batch_size": self.batch_size, "device": self.device, "threads": self.threads,
                 "seconds": self.seconds, "resumed_attacks": self.resumed}
@@ -198,7 +229,34 @@ class EvalResult:
         return cls(n_eval=d["n_eval"], clean_acc=d["clean_acc"], clean_mask=mask_from_str(d.get("clean_mask")),
                    eps=d.get("eps"), attacks=rows, seed=d.get("seed", 0), batch_size=d.get("batch_size", 0),
                    device=d.get("device", "?"), threads=d.get("threads", 0), seconds=d.get("seconds", 0.0),
-                   resumed=list(d.get("resumed_attacks", [])), metadata=meta)
+                   resumed=list(d.get("resumed_attacks", [])), metadata=meta, spec=d.get("spec"))
+
+
+def _legacy_table(d: dict[str, Any]) -> EvalResult:
+    """An ``eval_table.json`` written before version 3 (no masks; rows keep their numbers)."""
+    opts, seconds = d["attack_options"], d.get("attack_seconds", {})
+    rows = {k: AttackResult(label=k, attack=k, kind="white-box", norm="linf" if "eps" in opts.get(k, {}) else None,
+                            eps=opts.get(k, {}).get("eps"), options=opts.get(k, {}), settings=d["attacks"][k],
+                            seed=d.get("seed"), robust_acc=acc, seconds=seconds.get(k, 0.0))
+            for k, acc in d["robust_acc"].items()}
+    return EvalResult(n_eval=d["n_eval"], clean_acc=d["clean_acc"], clean_mask=None,
+                      eps=next((r.eps for r in rows.values() if r.eps is not None), None), attacks=rows,
+                      seed=d.get("seed", 0), batch_size=0, device="?", threads=0, seconds=d.get("seconds", 0.0),
+                      spec={"n_eval": d["n_eval"], "attack_options": opts, "seed": d.get("seed")})
+
+
+def read_evaluation(source: str | Path | dict[str, Any]) -> EvalResult:
+    """The evaluation record in a file (or its parsed JSON), of any version: ``eval.json``,
+    ``suite.json`` (its evaluation part), and the pipelines' ``eval_table.json``,
+    ``eval_strong.json``, ``forensics_eval.json``, ``autoattack_official.json``."""
+    d = source if isinstance(source, dict) else json.loads(Path(source).read_text())
+    if "schema_version" not in d and "attack_options" in d:
+        return _legacy_table(d)
+    if "schema_version" not in d and isinstance(d.get("result"), dict):  # eval_strong.json, version 2
+        return dataclasses.replace(EvalResult.from_dict(d["result"]), spec=d.get("spec"))
+    if "attacks" not in d:
+        raise ValueError(f"not an evaluation record: {source if not isinstance(source, dict) else 'JSON'} has no attacks")
+    return EvalResult.from_dict(d)
 
 
 @dataclass

@@ -29,13 +29,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import run_identity, write_json_atomic
+from ..config import TrainConfig, run_identity, write_json_atomic
+from ..evaluation.results import EvalResult
 from ..runs import read_json, run_lock
 from ..training.loop import software_versions
 from .frontier import frontier_points, study_settings
 from .presets import PAPER_TABLE1, Table1Preset
 from .schedule import Stage
-from .stages import STUDY_LOCK_WAIT, TrainPoint, log, place, schedule, train_stages
+from .stages import (STUDY_LOCK_WAIT, TrainPoint, cached_evaluation, job_attribution, log, place, record_evaluation,
+                     schedule, train_stages)
 from .substitute_study import abnn_point, substitutes
 
 #: the weaker threat models, registry names; the last one needs type-A shortcuts in the substitute
@@ -77,41 +79,51 @@ def forensics_points(preset: Table1Preset, out: Path, studies_dir: Path | None, 
     return points
 
 
-def job_forensics(run: Path, spec: ForensicsEval, data_root: str | None, device: str, force: bool,
-                  progress: bool) -> dict:
-    """Clean, PGD-5 under the full gradient and every applicable protocol, PGD-20 under the
-    protocol that left the most accuracy and under the full gradient, gradient attribution and
-    path swap of one finished ABNN run (``RUN/forensics_eval.json``; the attacks resume)."""
+def protocol_attacks(run: Path, spec: ForensicsEval, data_root: str | None, device: str,
+                     progress: bool) -> EvalResult:
+    """Clean, PGD-5 under the full gradient and every applicable protocol, then PGD-20 under the
+    protocol that left the most accuracy and under the full gradient: one evaluation record."""
     from ..data import load_dataset
     from ..evaluation import run_attacks
-    from ..evaluation.attribution import forensics
-    from ..evaluation.runner import as_tensors
     from ..runs import load_run
 
-    path = run / FORENSICS_FILE
-    if path.is_file() and not force and read_json(path).get("spec") == spec.key():
+    model, cfg = load_run(run, device=device)
+    data = load_dataset(cfg.dataset, "test", data_root or cfg.data_root).subset(spec.n_eval)
+    protocols = [p for p in PROTOCOLS if p != "pgd-typeA-detach" or model.type_a_shortcuts()]
+    kw = dict(batch_size=spec.batch_size, device=device, seed=spec.seed, progress=progress,
+              progress_dir=run / "forensics-progress", identity=run_identity(cfg))
+    five = run_attacks(model, data, ["pgd", *protocols], **kw)
+    weakest = max(protocols, key=lambda p: five.attacks[p].robust_acc)
+    return five.merged(run_attacks(model, data, ["pgd:steps=20", f"{weakest}:steps=20"], **kw))
+
+
+def forensics_row(ev: EvalResult, attribution: dict, cfg: TrainConfig) -> dict:
+    """The study's record of one model: its protocol evaluation and its gradient attribution."""
+    twenty = {k.split(":")[0]: a for k, a in ev.attacks.items() if k.endswith(":steps=20")}
+    five = {k: a for k, a in ev.attacks.items() if ":" not in k}
+    return {"spec": ev.spec, "n_eval": ev.n_eval, "substitute_stats": cfg.substitute_stats,
+            "substitute": cfg.substitute, "clean_acc": ev.clean_acc,
+            "pgd5": {k: a.robust_acc for k, a in five.items()}, "pgd20": {k: a.robust_acc for k, a in twenty.items()},
+            "pgd20_protocol": next(k for k in twenty if k != "pgd"),
+            "attack_settings": {k: a.settings for k, a in five.items()},
+            **{k: attribution[k] for k in ("n", "attribution_median", "definitions", "path_swap")},
+            "seconds": ev.seconds}
+
+
+def job_forensics(run: Path, spec: ForensicsEval, data_root: str | None, device: str, force: bool,
+                  progress: bool) -> dict:
+    """The protocols (``RUN/forensics_eval.json``, an evaluation record; the attacks resume),
+    the gradient attribution and path swap (``RUN/forensics.json``) of one finished ABNN run."""
+    path, key = run / FORENSICS_FILE, spec.key()
+    if not force and path.is_file() and "pgd5" in (old := read_json(path)) and old.get("spec") == key:
         log(f"{run.name}: forensics finished earlier, reused")
-        return read_json(path)
-    with run_lock(run, wait=STUDY_LOCK_WAIT):
-        model, cfg = load_run(run, device=device)
-        data = load_dataset(cfg.dataset, "test", data_root or cfg.data_root).subset(spec.n_eval)
-        protocols = [p for p in PROTOCOLS if p != "pgd-typeA-detach" or model.type_a_shortcuts()]
-        kw = dict(batch_size=spec.batch_size, device=device, seed=spec.seed, progress=progress,
-                  progress_dir=run / "forensics-progress", identity=run_identity(cfg))
-        t0 = time.perf_counter()
-        five = run_attacks(model, data, ["pgd", *protocols], **kw)
-        weakest = max(protocols, key=lambda p: five.attacks[p].robust_acc)
-        twenty = run_attacks(model, data, ["pgd:steps=20", f"{weakest}:steps=20"], **kw)
-        x, y = as_tensors(data, spec.n_eval)
-        res = {"spec": spec.key(), "n_eval": len(data), "substitute_stats": cfg.substitute_stats,
-               "substitute": cfg.substitute, "clean_acc": five.clean_acc,
-               "pgd5": {k: a.robust_acc for k, a in five.attacks.items()},
-               "pgd20": {k.split(":")[0]: a.robust_acc for k, a in twenty.attacks.items()},
-               "pgd20_protocol": weakest, "attack_settings": {k: a.settings for k, a in five.attacks.items()},
-               **forensics(model, x, y, batch_size=spec.batch_size, seed=spec.seed),
-               "seconds": time.perf_counter() - t0}
-        write_json_atomic(path, res)
-        return res
+        return old  # written before the one record format: the study's record itself
+    ev = None if force else cached_evaluation(path, key, "forensics")
+    if ev is None:
+        with run_lock(run, wait=STUDY_LOCK_WAIT):
+            ev = record_evaluation(path, protocol_attacks(run, spec, data_root, device, progress), key)
+    attribution = job_attribution(run, spec.n_eval, spec.batch_size, spec.seed, data_root, device, force)
+    return forensics_row(ev, attribution, TrainConfig.load(run / "config.json"))
 
 
 def run_forensics(preset: Table1Preset, out: str | Path, *, studies_dir: str | Path | None = None,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import TrainConfig, write_json_atomic
+from ..evaluation.results import EvalResult
 from ..training.loop import VALIDATION_CLOCKS, software_versions
 from .presets import Table1Preset
 from .schedule import Stage
@@ -187,7 +188,7 @@ def _substitute_info(tr: dict) -> dict:
             "val_acc": tr.get("final_val_acc"), "val_size": tr.get("val_size"), "train_seconds": tr.get("train_seconds")}
 
 
-def frontier_record(point: TrainPoint, tr: dict, ev: dict, run: Path) -> dict:
+def frontier_record(point: TrainPoint, tr: dict, ev: EvalResult, run: Path) -> dict:
     """One method's record: settings, counted and measured cost, clean / PGD-5 / worst case."""
     cost = tr["cost"]
     rec = {
@@ -199,8 +200,8 @@ def frontier_record(point: TrainPoint, tr: dict, ev: dict, run: Path) -> dict:
         "train_cpu_seconds": tr.get("train_cpu_seconds"), "seconds_per_step": tr["seconds_per_step"],
         "steps_per_epoch": tr.get("steps_per_epoch"), **{k: tr.get(k) for k in VALIDATION_CLOCKS},
         "threads": tr.get("threads"), "amp": tr.get("amp", "off"),
-        "clean_acc": ev["clean_acc"], "robust_acc": ev["robust_acc"], "worst_case_acc": ev["worst_case_acc"],
-        "n_eval": ev["n_eval"], "eval_seconds": ev["seconds"],
+        "clean_acc": ev.clean_acc, "robust_acc": ev.robust_acc, "worst_case_acc": ev.worst_case().robust_acc,
+        "n_eval": ev.n_eval, "eval_seconds": ev.seconds,
     }
     for key in ("robust_val", "best_robust_epoch", "best_val_pgd_acc", "final_val_pgd_acc",
                 "catastrophic_overfitting_epochs", "model_pt_epoch", "substitute"):

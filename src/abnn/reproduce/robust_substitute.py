@@ -31,12 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import TrainConfig, write_json_atomic
+from ..evaluation.results import EvalResult, read_evaluation
 from ..models import RESNET18_STAGES
 from ..training.loop import clean_val_size, software_versions
 from .frontier import common_clock, frontier_points, study_eval
 from .presets import Table1Preset
 from .schedule import Stage
-from .stages import STUDY_LOCK_WAIT, TrainPoint, eval_of, log, place, schedule, train_and_eval_stages
+from .stages import (STUDY_LOCK_WAIT, TrainPoint, cached_evaluation, eval_of, job_attribution, log, place,
+                     record_evaluation, schedule, train_and_eval_stages)
 
 #: a row is attacked with the authors' AutoAttack when its worst case exceeds this
 AUTOATTACK_ABOVE = 0.05
@@ -105,23 +107,37 @@ def robust_points(preset: Table1Preset, out: Path, studies_dir: Path | None, dat
     return points
 
 
-def job_autoattack(run: Path, worst_case: float, our_masks: dict, n: int, batch_size: int, seed: int,
-                   data_root: str | None, device: str, force: bool) -> dict:
+def autoattack_check(theirs: EvalResult, ours: EvalResult) -> dict:
+    """AutoAttack's robust accuracy on its first ``n`` images beside our worst case on the same
+    images, with the indices of the images each leaves robust."""
+    aa = theirs.attacks["autoattack-official"]
+    mine = ours.worst_case().robust_mask[:theirs.n_eval]
+    out = {"key": theirs.spec, "n": theirs.n_eval, "autoattack_acc": aa.robust_acc,
+           "ours_acc": mine.float().mean().item(), "autoattack_robust_indices": aa.robust_mask.nonzero().flatten().tolist(),
+           "ours_robust_indices": mine.nonzero().flatten().tolist(), "seconds": aa.seconds}
+    return out | {"agree_sample_by_sample": out["autoattack_robust_indices"] == out["ours_robust_indices"]}
+
+
+def job_autoattack(run: Path, ours: EvalResult, n: int, batch_size: int, data_root: str | None, device: str,
+                   force: bool) -> dict:
     """The authors' AutoAttack (standard version) on the first ``n`` test images when the
-    row's worst case exceeds :data:`AUTOATTACK_ABOVE`; written with the indices of the images
-    each of AutoAttack and our worst case leaves robust (``RUN/autoattack_official.json``)."""
+    row's worst case (``ours``) exceeds :data:`AUTOATTACK_ABOVE`, as an evaluation record
+    (``RUN/autoattack_official.json``), compared image by image with ours."""
     from ..data import load_dataset
     from ..evaluation import run_attacks
     from ..runs import load_run, read_json, run_lock
 
-    path = run / AUTOATTACK_FILE
-    key = {"n": n, "seed": seed, "batch_size": batch_size}
+    path, worst = run / AUTOATTACK_FILE, ours.worst_case().robust_acc
+    key = {"n": n, "seed": ours.spec["seed"], "batch_size": batch_size}
     if n == 0:
         return {"skipped": "this preset runs no AutoAttack (autoattack_n = 0)"}
-    if worst_case <= AUTOATTACK_ABOVE + 1e-6:  # accuracies are float32 fractions: 50/1000 is not above 5%
-        return {"skipped": f"worst case {100 * worst_case:.1f}% <= {100 * AUTOATTACK_ABOVE:g}%"}
-    if path.is_file() and not force and read_json(path).get("key") == key:
-        return read_json(path)
+    if worst <= AUTOATTACK_ABOVE + 1e-6:  # accuracies are float32 fractions: 50/1000 is not above 5%
+        return {"skipped": f"worst case {100 * worst:.1f}% <= {100 * AUTOATTACK_ABOVE:g}%"}
+    if not force and path.is_file() and "autoattack_robust_indices" in (old := read_json(path)) and old["key"] == key:
+        return old  # written before the one record format: the comparison itself
+    done = None if force else cached_evaluation(path, key, "AutoAttack")
+    if done is not None:
+        return autoattack_check(done, ours)
     try:
         import pyautoattack  # noqa: F401
     except ImportError:
@@ -129,25 +145,9 @@ def job_autoattack(run: Path, worst_case: float, our_masks: dict, n: int, batch_
     with run_lock(run, wait=STUDY_LOCK_WAIT):
         model, cfg = load_run(run, device=device)
         data = load_dataset(cfg.dataset, "test", data_root or cfg.data_root).subset(n)
-        res = run_attacks(model, data, ["autoattack-official"], batch_size=batch_size, device=device, seed=seed,
+        res = run_attacks(model, data, ["autoattack-official"], batch_size=batch_size, device=device, seed=key["seed"],
                           progress=False)
-        theirs = res.attacks["autoattack-official"].robust_mask
-        ours = [c == "1" for c in our_masks["worst_case"][:n]]
-        out = {"key": key, "n": len(data), "autoattack_acc": theirs.float().mean().item(),
-               "ours_acc": sum(ours) / len(ours),
-               "autoattack_robust_indices": theirs.nonzero().flatten().tolist(),
-               "ours_robust_indices": [i for i, v in enumerate(ours) if v],
-               "seconds": res.attacks["autoattack-official"].seconds}
-        out["agree_sample_by_sample"] = out["autoattack_robust_indices"] == out["ours_robust_indices"]
-        write_json_atomic(path, out)
-        return out
-
-
-def _masks(ev: dict) -> dict:
-    """The per-sample worst-case mask of a study evaluation (clean and every attack, '0'/'1')."""
-    res = ev["result"]
-    masks = [res["clean_mask"], *(a["robust_mask"] for a in res["attacks"].values())]
-    return {"worst_case": "".join("1" if all(m[i] == "1" for m in masks) else "0" for i in range(len(masks[0])))}
+        return autoattack_check(record_evaluation(path, res, key), ours)
 
 
 def _aa_stages(models: list[TrainPoint], st, data_root, device, force) -> list[Stage]:
@@ -158,28 +158,9 @@ def _aa_stages(models: list[TrainPoint], st, data_root, device, force) -> list[S
 
 
 def _job_autoattack_after_eval(run: Path, n: int, batch_size: int, data_root, device, force) -> dict:
-    from ..runs import read_json
     from .stages import EVAL_FILE
 
-    ev = read_json(run / EVAL_FILE)
-    return job_autoattack(run, ev["worst_case_acc"], _masks(ev), n, batch_size, ev["spec"]["seed"], data_root,
-                          device, force)
-
-
-def job_attribution(run: Path, n: int, batch_size: int, seed: int, data_root: str | None, device: str,
-                    force: bool) -> dict:
-    """The gradient attribution and path swap of an ABNN row (:func:`abnn.evaluation.attribution.
-    forensics_run`, ``RUN/forensics.json``), reused when made with the same images and seed."""
-    from ..evaluation.attribution import forensics_run
-    from ..runs import read_json, run_lock
-
-    path = run / "forensics.json"
-    if path.is_file() and not force:
-        old = read_json(path)
-        if old.get("n") == n and old.get("seed") == seed:
-            return old
-    with run_lock(run, wait=STUDY_LOCK_WAIT):
-        return forensics_run(run, n_eval=n, batch_size=batch_size, data_root=data_root, device=device, seed=seed)
+    return job_autoattack(run, read_evaluation(run / EVAL_FILE), n, batch_size, data_root, device, force)
 
 
 def run_robust_substitute(preset: Table1Preset, out: str | Path, *, studies_dir: str | Path | None = None,
@@ -241,8 +222,8 @@ def row_record(row: Row, by: dict[str, TrainPoint], models: list[TrainPoint], re
     return {"name": row.name, "label": row.label, "run": str(p.run), "method": p.cfg.method,
             "robust_substitute": row.robust_substitute, "in_domain": row.in_domain,
             "substitute_run": str(by[row.substitute].run) if row.substitute else None,
-            "clean_acc": ev["clean_acc"], "robust_acc": ev["robust_acc"], "worst_case_acc": ev["worst_case_acc"],
-            "n_eval": ev["n_eval"], "autoattack": aa, "target_cost": target, "substitute_cost": sub,
+            "clean_acc": ev.clean_acc, "robust_acc": ev.robust_acc, "worst_case_acc": ev.worst_case().robust_acc,
+            "n_eval": ev.n_eval, "autoattack": aa, "target_cost": target, "substitute_cost": sub,
             "attribution_median": attr["attribution_median"] if attr else None,
             "path_swap": attr["path_swap"] if attr else None,
             "amortised": amortised}

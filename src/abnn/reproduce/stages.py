@@ -17,15 +17,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Protocol, Sequence
+from typing import Any, ClassVar, Protocol, Sequence
 
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig, run_identity, write_json_atomic
 from ..data import load_dataset
+from ..evaluation.results import EvalResult, read_evaluation
 from ..runs import LOCK_NAME, check_same_run, load_run, read_json, recorded_differences, run_lock
 from ..training.methods import get_method
 from .schedule import Stage, plan_workers, run_stages
@@ -130,13 +130,13 @@ def train_stages(points: Sequence[TrainPoint], *, force: bool) -> tuple[list[Sta
 
 class EvalSpec(Protocol):
     """How a pipeline evaluates a finished run folder: its cached result (None: to do), the
-    evaluation itself (writes its file into the run folder), and how long to wait for the lock."""
+    evaluation itself (writes its record into the run folder), and how long to wait for the lock."""
 
     lock_wait: ClassVar[float]
 
-    def finished(self, run: Path) -> dict | None: ...
+    def finished(self, run: Path) -> EvalResult | None: ...
 
-    def evaluate(self, run: Path, data_root: str | None, device: str, progress: bool) -> dict: ...
+    def evaluate(self, run: Path, data_root: str | None, device: str, progress: bool) -> EvalResult: ...
 
 
 def eval_data(dataset: str, data_root: str | None, n: int | None, frames: int | None = None):
@@ -144,8 +144,51 @@ def eval_data(dataset: str, data_root: str | None, n: int | None, frames: int | 
     return load_dataset(dataset, "test", data_root, frames=frames).subset(n)
 
 
+def cached_evaluation(path: Path, key: dict, what: str = "evaluation") -> EvalResult | None:
+    """The evaluation record at ``path`` when it was made with the settings ``key`` (any
+    version of the record format), else None."""
+    if not path.is_file():
+        return None
+    try:
+        ev = read_evaluation(path)
+    except (KeyError, ValueError):  # another format under this name: made again
+        return None
+    if ev.spec != key:
+        return None
+    log(f"{path.parent.name}: {what} finished earlier, reused")
+    return ev
+
+
+def record_evaluation(path: Path, ev: EvalResult, key: dict) -> EvalResult:
+    """Write ``ev`` with its reuse key ``key`` as the evaluation record at ``path``."""
+    ev = dataclasses.replace(ev, spec=key)
+    write_json_atomic(path, ev.to_dict())
+    return ev
+
+
+class _RecordedEval:
+    """An evaluation spec whose result is one evaluation record, ``RUN/<file>``, reused when
+    made with the same :meth:`key`."""
+
+    file: ClassVar[str]
+    what: ClassVar[str]
+    lock_wait: ClassVar[float]
+
+    def key(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def finished(self, run: Path) -> EvalResult | None:
+        return cached_evaluation(run / self.file, self.key(), self.what)
+
+    def evaluate(self, run: Path, data_root: str | None, device: str, progress: bool) -> EvalResult:
+        return record_evaluation(run / self.file, self.attack(run, data_root, device, progress), self.key())
+
+    def attack(self, run: Path, data_root: str | None, device: str, progress: bool) -> EvalResult:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class TableEval:
+class TableEval(_RecordedEval):
     """The paper's evaluation of Tables 1-3: clean accuracy and the preset's PGD and ROA
     (``attack_options``) on the first ``n_eval`` test samples, in ``RUN/eval_table.json``."""
 
@@ -155,6 +198,8 @@ class TableEval:
     seed: int
     attack_options: dict
     frames: int | None = None
+    file: ClassVar[str] = TABLE_EVAL_FILE
+    what: ClassVar[str] = "evaluation"
     lock_wait: ClassVar[float] = 0.0
 
     @classmethod
@@ -163,17 +208,10 @@ class TableEval:
         return cls(preset.dataset, preset.n_eval, preset.eval_batch_size, preset.seed, preset.attack_options(),
                    getattr(preset, "frames", None))
 
-    def finished(self, run: Path) -> dict | None:
-        out = run / TABLE_EVAL_FILE
-        if out.is_file():
-            res = read_json(out)
-            if (res.get("n_eval") == self.n_eval and res.get("attack_options") == self.attack_options
-                    and res.get("seed") == self.seed):
-                log(f"{run.name}: evaluation finished earlier, reused")
-                return res
-        return None
+    def key(self) -> dict:
+        return json.loads(json.dumps({"n_eval": self.n_eval, "attack_options": self.attack_options, "seed": self.seed}))
 
-    def evaluate(self, run: Path, data_root: str | None, device: str, progress: bool) -> dict:
+    def attack(self, run: Path, data_root: str | None, device: str, progress: bool) -> EvalResult:
         from ..attacks import AttackSpec
         from ..evaluation import run_attacks
 
@@ -181,19 +219,12 @@ class TableEval:
         model, _ = load_run(run, device=device)
         data = eval_data(self.dataset, data_root, self.n_eval, self.frames)
         log(f"{run.name}: evaluating clean, {', '.join(n.upper() for n in opts)} on {len(data)} test samples")
-        ev = run_attacks(model, data, [AttackSpec(name, o, label=name) for name, o in opts.items()], device=device,
-                         batch_size=self.batch_size, seed=self.seed, progress=progress)
-        res = {"n_eval": ev.n_eval, "clean_acc": ev.clean_acc,
-               "robust_acc": {k: r.robust_acc for k, r in ev.attacks.items()},
-               "attacks": {k: r.settings for k, r in ev.attacks.items()},
-               "attack_seconds": {k: r.seconds for k, r in ev.attacks.items()},
-               "seconds": ev.seconds, "attack_options": opts, "seed": self.seed}
-        write_json_atomic(run / TABLE_EVAL_FILE, res)
-        return res
+        return run_attacks(model, data, [AttackSpec(name, o, label=name) for name, o in opts.items()], device=device,
+                           batch_size=self.batch_size, seed=self.seed, progress=progress)
 
 
 @dataclass(frozen=True)
-class StudyEval:
+class StudyEval(_RecordedEval):
     """How every point of a study is evaluated: registry attack specs (the paper's PGD-5 first,
     then the strong white-box attacks of the worst case), on the first ``n_eval`` test images,
     per sample with the one evaluation runner, in ``RUN/eval_strong.json``."""
@@ -202,21 +233,11 @@ class StudyEval:
     n_eval: int
     batch_size: int
     seed: int
+    file: ClassVar[str] = EVAL_FILE
+    what: ClassVar[str] = "study evaluation"
     lock_wait: ClassVar[float] = STUDY_LOCK_WAIT
 
-    def key(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    def finished(self, run: Path) -> dict | None:
-        path = run / EVAL_FILE
-        if path.is_file():
-            res = read_json(path)
-            if res.get("spec") == self.key():
-                log(f"{run.name}: study evaluation finished earlier, reused")
-                return res
-        return None
-
-    def evaluate(self, run: Path, data_root: str | None, device: str, progress: bool) -> dict:
+    def attack(self, run: Path, data_root: str | None, device: str, progress: bool) -> EvalResult:
         """Clean accuracy, each attack's robust accuracy and the per-sample worst case of a
         finished run (resumable: the runner keeps finished attacks)."""
         from ..evaluation import run_attacks
@@ -224,18 +245,12 @@ class StudyEval:
         model, cfg = load_run(run, device=device)
         data = eval_data(cfg.dataset, data_root or cfg.data_root, self.n_eval, cfg.frames)
         log(f"{run.name}: evaluating {', '.join(self.attacks)} on {len(data)} test images")
-        t0 = time.perf_counter()
-        res = run_attacks(model, data, list(self.attacks), batch_size=self.batch_size, device=device, seed=self.seed,
-                          progress=progress, progress_dir=run / "eval_strong-progress", identity=run_identity(cfg))
-        out = {"spec": self.key(), "n_eval": len(data), "clean_acc": res.clean_acc,
-               "robust_acc": {name: a.robust_acc for name, a in res.attacks.items()},
-               "worst_case_acc": res.worst_case().robust_acc, "seconds": time.perf_counter() - t0,
-               "result": res.to_dict()}
-        write_json_atomic(run / EVAL_FILE, out)
-        return out
+        return run_attacks(model, data, list(self.attacks), batch_size=self.batch_size, device=device, seed=self.seed,
+                           progress=progress, progress_dir=run / "eval_strong-progress", identity=run_identity(cfg))
 
 
-def job_eval(run: Path, spec: EvalSpec, data_root: str | None, device: str, force: bool, progress: bool) -> dict:
+def job_eval(run: Path, spec: EvalSpec, data_root: str | None, device: str, force: bool,
+             progress: bool) -> EvalResult:
     """The evaluation stage: ``spec``'s evaluation of a finished run, or its cached result."""
     done = None if force else spec.finished(run)
     if done is not None:
@@ -244,8 +259,23 @@ def job_eval(run: Path, spec: EvalSpec, data_root: str | None, device: str, forc
         return spec.evaluate(run, data_root, device, progress)
 
 
+def job_attribution(run: Path, n: int, batch_size: int, seed: int, data_root: str | None, device: str,
+                    force: bool) -> dict:
+    """The gradient attribution and path swap of an ABNN run (:func:`abnn.evaluation.attribution.
+    forensics_run`, ``RUN/forensics.json``), reused when made with the same images, batches and seed."""
+    from ..evaluation.attribution import forensics_run
+
+    path = run / "forensics.json"
+    if path.is_file() and not force:
+        old = read_json(path)
+        if (old.get("n"), old.get("seed"), old.get("batch_size", batch_size)) == (n, seed, batch_size):
+            return old
+    with run_lock(run, wait=STUDY_LOCK_WAIT):
+        return forensics_run(run, n_eval=n, batch_size=batch_size, data_root=data_root, device=device, seed=seed)
+
+
 def eval_stages(points: Sequence[TrainPoint], spec: EvalSpec, data_root: str | None, device: str, *,
-                force: bool) -> tuple[list[Stage], dict[str, dict]]:
+                force: bool) -> tuple[list[Stage], dict[str, Any]]:
     """One evaluation stage ``eval:NAME`` per distinct run folder (a run shared by two points is
     evaluated once), and the results of those finished earlier."""
     stages, done, seen = [], {}, set()
@@ -263,7 +293,7 @@ def eval_stages(points: Sequence[TrainPoint], spec: EvalSpec, data_root: str | N
 
 
 def train_and_eval_stages(points: Sequence[TrainPoint], models: Sequence[TrainPoint], spec: EvalSpec,
-                          data_root: str | None, device: str, *, force: bool) -> tuple[list[Stage], dict[str, dict]]:
+                          data_root: str | None, device: str, *, force: bool) -> tuple[list[Stage], dict[str, Any]]:
     """The training stages of ``points`` and the evaluation stages of ``models`` (a subset of
     the points: substitutes are not evaluated), with the results of those finished earlier."""
     stages, done = train_stages(points, force=force)
@@ -271,7 +301,7 @@ def train_and_eval_stages(points: Sequence[TrainPoint], models: Sequence[TrainPo
     return stages + ev, done | ev_done
 
 
-def eval_of(point: TrainPoint, points: Sequence[TrainPoint], results: dict) -> dict:
+def eval_of(point: TrainPoint, points: Sequence[TrainPoint], results: dict) -> EvalResult:
     """The evaluation of a point (made under the name of the first point with the same run)."""
     first = next(q for q in points if q.run == point.run)
     return results[f"eval:{first.name}"]

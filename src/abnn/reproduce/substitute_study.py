@@ -218,8 +218,8 @@ def run_substitute_study(preset: Table1Preset, out: str | Path, *, table1_dir: s
             "substitute_arch": sub.arch, "substitute_source": sub.spec, "substitute_val_dataset": sub.val_dataset,
             "substitute_val_acc": an["substitute_val_acc"],
             "substitute_train_seconds": results[f"sub:{sub.name}"]["train_seconds"] if sub.train else None,
-            "clean_acc": e["clean_acc"], "robust_acc": e["robust_acc"], "worst_case_acc": e["worst_case_acc"],
-            "n_eval": e["n_eval"], "train_seconds": tr["train_seconds"], "cost_N_per_step": tr["cost_N_per_step"],
+            "clean_acc": e.clean_acc, "robust_acc": e.robust_acc, "worst_case_acc": e.worst_case().robust_acc,
+            "n_eval": e.n_eval, "train_seconds": tr["train_seconds"], "cost_N_per_step": tr["cost_N_per_step"],
             "statistics_shift": {k: an[k] for k in ("attack", "n", "stages", "substitute", "target")},
         })
     summary = {"preset": preset.to_dict(), "records": records, "evaluation": spec.key(), "command": command,

@@ -17,6 +17,7 @@ import torch
 from ..attacks import build_attack
 from ..config import TrainConfig, write_json_atomic
 from ..errors import CheckpointError
+from ..evaluation.results import EvalResult
 from ..files import ensure_writable
 from ..runs import DOWNLOADABLE, load_run
 from ..training.checkpoint import save_atomic
@@ -65,13 +66,14 @@ def make_examples(out: Path, preset, data_root: str | None, device: str, *, forc
     return path
 
 
-def table_record(method: str, cfg: TrainConfig, tr: dict, ev: dict, paper: dict) -> dict:
+def table_record(method: str, cfg: TrainConfig, tr: dict, ev: EvalResult, paper: dict) -> dict:
     """One RobustBench-like results record of a trained and evaluated method."""
     rec = {
         "method": method, "name": get_method(method).display, "dataset": cfg.dataset, "architecture": cfg.arch,
         "width": cfg.width, "epochs": cfg.epochs, "train_size": tr["train_size"], "batch_size": cfg.batch_size,
-        "clean_acc": ev["clean_acc"], "robust_acc": ev["robust_acc"], "n_eval": ev["n_eval"],
-        "attacks": ev["attacks"], "attack_seconds": ev["attack_seconds"],
+        "clean_acc": ev.clean_acc, "robust_acc": ev.robust_acc, "n_eval": ev.n_eval,
+        "attacks": {k: r.settings for k, r in ev.attacks.items()},
+        "attack_seconds": {k: r.seconds for k, r in ev.attacks.items()},
         "cost_N_per_step": tr["cost_N_per_step"], "cost_counts": tr["cost"]["per_network"],
         "train_seconds": tr["train_seconds"], "seconds_per_step": tr["seconds_per_step"],
         "threads": tr.get("threads"), "device": tr.get("device"), "seed": cfg.seed,
