@@ -84,8 +84,8 @@ def write_robust_substitute_report(out: Path, summary: dict) -> None:
               "substitutes' per-epoch robust validation is part of their training time where the run recorded it "
               "separately (`robust_validation_seconds`).", "",
               f"AutoAttack: the authors' code (standard version) on rows whose worst case exceeds "
-              f"{100 * summary['autoattack_above']:g}%; the per-sample robust indices of both are in "
-              "`RUN/autoattack_official.json`.", ""]
+              f"{100 * summary['autoattack_above']:g}%; the per-sample robust indices of both are side by side in "
+              "`results.json` (`records[].autoattack`), AutoAttack's own record in `RUN/autoattack_official.json`.", ""]
     abnn = [r for r in recs if r.get("attribution_median")]
     if abnn:
         lines += ["Where the input gradient of the ABNN rows goes (exact split, medians over the evaluation images; "
