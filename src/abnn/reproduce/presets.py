@@ -13,29 +13,6 @@ from ..config import TrainConfig
 from ..errors import AbnnError
 from ..training.methods import get_method
 
-#: The paper's Table 1 (CIFAR-10, PGD, %), for comparison only (METHOD.md s. 6).
-PAPER_TABLE1 = {
-    "standard": {"name": "No defense", "clean": 93.4, "pgd": 0.0, "cost": "2N"},
-    "pgd-at": {"name": "PGD-AT", "clean": 83.3, "pgd": 51.6, "cost": "12N"},
-    "abnn": {"name": "ABNN", "clean": 87.5, "pgd": 31.5, "cost": "3N"},
-}
-
-#: Tables 2 (PGD) and 3 (ROA), UCF-101 (%), for comparison only.
-PAPER_VIDEO = {
-    "standard": {"name": "No defense", "clean": 93.0, "pgd": 0.0, "roa": 7.0, "cost": "2N"},
-    "oudefend": {"name": "OUDefend", "clean": 62.0, "pgd": 58.6, "roa": 13.6, "cost": "24N"},
-    "abnn": {"name": "ABNN", "clean": 68.3, "pgd": 43.4, "roa": 24.4, "cost": "3N"},
-}
-
-#: a method the paper does not report (Fast-AT): its paper columns stay empty
-NOT_IN_PAPER = {"clean": None, "pgd": None, "cost": None}
-
-
-def paper_table1(method: str) -> dict:
-    """The paper's Table 1 entry of ``method``, or empty columns for a method it does not report."""
-    return PAPER_TABLE1.get(method, {"name": get_method(method).display, **NOT_IN_PAPER})
-
-
 @dataclass(frozen=True)
 class Table1Preset:
     name: str
