@@ -100,10 +100,12 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: TrainConfig, *, 
 
 def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
     """The :class:`TrainConfig` of parsed flags (every field present in ``args`` by name, the
-    rest at their defaults, ``fixed`` on top), validated."""
+    rest at their defaults, ``fixed`` on top), checked (:func:`abnn.training.check_config`)."""
+    from .training.methods import check_config
+
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names}
-    return TrainConfig(**{**given, **fixed}).validate()
+    return check_config(TrainConfig(**{**given, **fixed}))
 
 
 class Parser(argparse.ArgumentParser):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ..config import TrainConfig
 from ..errors import AbnnError
-from ..training.methods import get_method
+from ..training.methods import check_config, get_method
 
 @dataclass(frozen=True)
 class Table1Preset:
@@ -50,7 +50,7 @@ class Table1Preset:
 
     def validate(self) -> "Table1Preset":
         """Refuse, in one line naming the ``--set`` key, any value the pipeline cannot run, before
-        any stage starts: the training settings through :meth:`TrainConfig.validate`, the
+        any stage starts: the training settings through :func:`~abnn.training.check_config`, the
         evaluation settings here.  Its pipeline trains and evaluates CIFAR-10 only."""
         if self.dataset != "cifar10":
             raise AbnnError(f"--set dataset={self.dataset}: the Table 1 pipeline trains and evaluates CIFAR-10 only "
@@ -58,9 +58,9 @@ class Table1Preset:
         _check_methods(self.methods, ("standard", "pgd-at", "abnn", "fast-at"))
         _check_counts(self, ("n_eval", "eval_batch_size", "roa_stride", "n_examples"))
         if self.substitute_source == "pretrain":
-            self.substitute_config().validate()
+            check_config(self.substitute_config())
         for method in self.methods:
-            self.method_config(method, "random").validate()
+            check_config(self.method_config(method, "random"))
         return self
 
     def substitute_config(self) -> TrainConfig:
@@ -178,7 +178,7 @@ class VideoPreset:
         _check_methods(self.methods, ("standard", "oudefend", "abnn"))
         _check_counts(self, ("n_eval", "eval_batch_size", "n_examples"))
         for method in self.methods:
-            self.method_config(method).validate()
+            check_config(self.method_config(method))
         return self
 
     def method_config(self, method: str) -> TrainConfig:

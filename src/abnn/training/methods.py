@@ -27,10 +27,12 @@ from torch import Tensor, nn
 
 from ..attacks import PGD
 from ..config import TrainConfig
+from ..errors import AbnnError
 from .distributed import unwrap
 
-__all__ = ["METHODS", "PAPER_TABLES", "BatchLoss", "Method", "PaperRow", "batch_loss_for", "clean_loss",
-           "describe_methods", "fast_at_loss", "fgsm_rs_example", "get_method", "paper_row", "pgd_at_loss", "register"]
+__all__ = ["METHODS", "PAPER_TABLES", "BatchLoss", "Method", "PaperRow", "batch_loss_for", "check_config",
+           "clean_loss", "describe_methods", "fast_at_loss", "fgsm_rs_example", "get_method", "paper_row",
+           "pgd_at_loss", "register"]
 
 BatchLoss = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]
 
@@ -154,8 +156,6 @@ def register(method: Method, *, replace: bool = False) -> Method:
 
 
 def get_method(name: str) -> Method:
-    from ..errors import AbnnError
-
     if name not in METHODS:
         raise AbnnError(f"unknown --method {name!r}; choose one of {', '.join(METHODS)} (abnn train --list-methods)")
     return METHODS[name]
@@ -165,6 +165,23 @@ def paper_row(method: str, table: str) -> PaperRow | None:
     """The row of ``method`` in the paper's ``table`` (one of :data:`PAPER_TABLES`), or None where
     the paper does not report it."""
     return get_method(method).paper.get(table)
+
+
+def check_config(cfg: TrainConfig) -> TrainConfig:
+    """``cfg``, checked before anything runs: its method, dataset and architecture are entries of
+    the registries (:data:`METHODS`, :data:`abnn.data.datasets.DATASETS`, :data:`abnn.models.MODELS`),
+    a method that needs a substitute has one, and :meth:`TrainConfig.validate` accepts its values;
+    else one line naming the flag."""
+    from ..data.datasets import DATASETS
+    from ..models import MODELS
+
+    cfg.check_choice("method", tuple(METHODS))
+    cfg.check_choice("dataset", tuple(DATASETS))
+    cfg.check_choice("arch", tuple(MODELS))
+    if METHODS[cfg.method].substitute and not cfg.substitute:
+        raise AbnnError(f"method {cfg.method} needs a pretrained substitute: --substitute RUN_DIR|WEIGHTS|"
+                        "IMAGENET1K_V1 (make one with `abnn pretrain-substitute`)")
+    return cfg.validate()
 
 
 def batch_loss_for(cfg: TrainConfig) -> BatchLoss:
