@@ -15,6 +15,7 @@ and process CPU seconds are recorded (with one thread, CPU seconds are robust to
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import statistics
 import threading
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import TrainConfig, write_json_atomic
+from .config import AMP_MODES, TrainConfig, write_json_atomic
 from .framework import ABNN
 from .models import resnet18_cifar, vgg19_bn_substitute
 from .training import PassCounter, TrainStep, attach_networks, batch_loss_for, resolve_amp
@@ -480,6 +481,34 @@ def bench_video_step(*, full: bool = True, batch_sizes: tuple[int, ...] = (1, 2)
     if out:
         write_json_atomic(Path(out), res)
     return res
+
+
+def add_bench_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of ``abnn bench``, one per parameter of :func:`bench_command` (the CLI calls it
+    with them by name); the CLI adds the flags every command has (``--device``, ...)."""
+    p.add_argument("what", choices=("train-cost", "throughput", "video-step"),
+                   help="train-cost: ms per step per method; throughput: images/s and attack steps/s; "
+                        "video-step: video ABNN step time and full-size ResNeXt-101 memory")
+    p.add_argument("--width", type=float, default=None,
+                   help="ResNet-18 width (default 1.0, the paper's, for train-cost; 0.25 for throughput)")
+    p.add_argument("--substitute-width", type=float, default=None,
+                   help="VGG-19-BN width (default 1.0 for train-cost; 0.25 for throughput)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=3, help="timed rounds (default 3)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--at-steps", type=int, default=5, help="PGD-AT attack steps inside training (default 5)")
+    p.add_argument("--encoder", choices=("flatten", "pooled"), default="flatten")
+    p.add_argument("--methods", default=None, help="comma-separated (default standard,abnn,pgd-at)")
+    p.add_argument("--attack-steps", type=int, default=10, help="throughput: PGD steps per attack call (default 10)")
+    p.add_argument("--compare-torchattacks", action="store_true",
+                   help="throughput: also time torchattacks' PGD on the same model and batch, report our/their time ratio")
+    p.add_argument("--amp", choices=AMP_MODES, default="auto",
+                   help="throughput: mixed precision as in `abnn train --amp` (default auto: on for CUDA only)")
+    p.add_argument("--channels-last", action="store_true", help="throughput: channels-last memory format")
+    p.add_argument("--compare-amp", action="store_true",
+                   help="throughput: float32 and --amp bf16 side by side instead (training images/s per method, "
+                        "inference images/s; wall and CPU time); --methods defaults to standard,abnn")
+    p.add_argument("--out", default=None, help="JSON output file")
 
 
 def bench_command(what: str, *, methods: str | None = None, width: float | None = None,
