@@ -6,7 +6,8 @@ import pytest
 from abnn.cli import main
 from abnn.reproduce import get_preset
 from abnn.reproduce.estimate import H100_CLASS, estimate_table1
-from abnn.reproduce.presets import apply_overrides, paper_table1
+from abnn.reproduce.presets import apply_overrides
+from abnn.reproduce.table1 import paper_columns
 
 
 def test_gpu_preset_settings_reach_every_training_config():
@@ -19,7 +20,8 @@ def test_gpu_preset_settings_reach_every_training_config():
     sub = p.substitute_config()
     assert (sub.dataset, sub.width, sub.amp, sub.channels_last) == ("tinyimagenet32", 1.0, "bf16", True)
     assert apply_overrides(p, ["include_jpeg=true"]).method_config("standard", None).include_jpeg
-    assert paper_table1("fast-at")["clean"] is None and paper_table1("abnn")["clean"] == 87.5
+    assert paper_columns("fast-at", "table1") == {"name": "Fast-AT", "clean": None, "pgd": None, "cost": None}
+    assert paper_columns("abnn", "table1") == {"name": "ABNN", "clean": 87.5, "pgd": 31.5, "cost": "3N"}
 
 
 def test_gpu_preset_refuses_cpu_in_one_line(tmp_path, capsys):

@@ -15,6 +15,7 @@ and process CPU seconds are recorded (with one thread, CPU seconds are robust to
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import statistics
 import threading
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import TrainConfig, write_json_atomic
+from .config import AMP_MODES, TrainConfig, write_json_atomic
 from .framework import ABNN
 from .models import resnet18_cifar, vgg19_bn_substitute
 from .training import PassCounter, TrainStep, attach_networks, batch_loss_for, resolve_amp
@@ -224,6 +225,80 @@ def _rounds(fns: dict, rounds: int, warmup: int, dev: torch.device, progress: bo
     return out
 
 
+def _train_step(model: nn.Module, method: str, at_steps: int, dev: torch.device, amp_dtype: torch.dtype | None, *,
+                channels_last: bool = False) -> TrainStep:
+    """``method``'s training step of ``model`` as ``abnn train`` takes it (:class:`~abnn.training.TrainStep`),
+    with the benchmarks' SGD (lr 0.01, momentum 0.9, weight decay 5e-4)."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9, weight_decay=5e-4)
+    return TrainStep(model, batch_loss_for(TrainConfig(method=method, at_steps=at_steps)), opt, amp_dtype=amp_dtype,
+                     channels_last=channels_last, device_type=dev.type)
+
+
+def _train_steps(methods: tuple[str, ...], width: float, substitute_width: float, encoder: str, at_steps: int,
+                 dev: torch.device, amp_dtype: torch.dtype | None, channels_last: bool) -> tuple[dict, dict]:
+    """Per method a fresh model's training step (:func:`_train_step`), and the models to time
+    inference and attacks on: ``resnet18`` (the first plain model; standard and PGD-AT train the
+    same architecture) and ``abnn``."""
+    steps: dict = {}
+    models: dict[str, nn.Module] = {}
+    for m in methods:
+        model = build_image_model(m, width, substitute_width, encoder, dev)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        steps[m] = _train_step(model.train(), m, at_steps, dev, amp_dtype, channels_last=channels_last)
+        models.setdefault("abnn" if m == "abnn" else "resnet18", model)
+    return steps, models
+
+
+def _attack_fns(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float,
+                steps: int, amp_dtype: torch.dtype | None, dev: torch.device,
+                compare_torchattacks: bool) -> tuple[dict, str | None, str | None]:
+    """The attack calls to time: our PGD against each model and, with ``compare_torchattacks``,
+    torchattacks' PGD against the ResNet-18 (else the first model) as ``torchattacks:NAME``; then
+    torchattacks' version, or why it was skipped (not importable)."""
+    from .attacks import build_attack
+
+    def ours(model: nn.Module):
+        atk = build_attack("pgd", model, eps=eps, alpha=alpha, steps=steps, random_start=True, amp=amp_dtype)
+
+        def run() -> None:
+            atk(x, y)
+        return run
+
+    fns = {k: ours(mdl) for k, mdl in models.items()}
+    if not compare_torchattacks:
+        return fns, None, None
+    try:
+        import torchattacks
+    except Exception as exc:  # noqa: BLE001 - optional dependency
+        return fns, None, f"torchattacks not importable ({type(exc).__name__}: {exc}); pip install torchattacks"
+    ref = models.get("resnet18") or next(iter(models.values()))
+    ta = torchattacks.PGD(ref, eps=eps, alpha=alpha, steps=steps, random_start=True)
+
+    def theirs() -> None:
+        with torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext():
+            ta(x, y)
+    fns["torchattacks:" + ("resnet18" if "resnet18" in models else next(iter(models)))] = theirs
+    return fns, getattr(torchattacks, "__version__", "?"), None
+
+
+def _torchattacks_comparison(timed: dict, skipped: str | None) -> dict:
+    """``compare_torchattacks`` of the result: our and torchattacks' seconds per call on the same
+    model and their ratios, or why torchattacks was skipped (nothing where it was not asked for)."""
+    their_key = next((k for k in timed if k.startswith("torchattacks:")), None)
+    if their_key is None:
+        return {"compare_torchattacks": {"skipped": skipped}} if skipped else {}
+    med = statistics.median
+    ours_key = their_key.split(":", 1)[1]
+    (ow, oc), (tw, tc) = timed[ours_key], timed[their_key]
+    return {"compare_torchattacks": {
+        "model": ours_key, "ours_seconds": med(ow), "torchattacks_seconds": med(tw),
+        "ratio_ours_over_torchattacks": med(ow) / med(tw),
+        "cpu_ratio_ours_over_torchattacks": med(oc) / med(tc) if med(tc) > 0 else None,
+        "per_round_ratio": [a / b for a, b in zip(ow, tw)],
+    }}
+
+
 def bench_throughput(*, width: float = 0.25, substitute_width: float = 0.25, batch_size: int = 128, iters: int = 3,
                      warmup: int = 1, at_steps: int = 5, attack_steps: int = 10, encoder: str = "flatten",
                      methods: tuple[str, ...] = ("standard", "abnn", "pgd-at"), device: str = "cpu",
@@ -243,8 +318,6 @@ def bench_throughput(*, width: float = 0.25, substitute_width: float = 0.25, bat
       is faster (wall clock; ``cpu_ratio...`` uses process CPU time, robust to other load when
       running one thread).  Skipped with a note when torchattacks is not importable.
     """
-    from .attacks import build_attack
-
     dev = torch.device(device)
     amp_dtype = resolve_amp(amp, dev)
     torch.manual_seed(seed)
@@ -253,10 +326,7 @@ def bench_throughput(*, width: float = 0.25, substitute_width: float = 0.25, bat
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     rounds = max(iters, 1)
-
-    def med(v: list[float]) -> float:
-        return statistics.median(v)
-
+    med = statistics.median
     res: dict = {
         "benchmark": "throughput", "device": str(dev), "threads": torch.get_num_threads(), "batch_size": batch_size,
         "target": f"resnet18_cifar width {width}", "substitute": f"vgg19_bn width {substitute_width}",
@@ -266,18 +336,7 @@ def bench_throughput(*, width: float = 0.25, substitute_width: float = 0.25, bat
     }
 
     # -- training ---------------------------------------------------------------------------------
-    steps: dict = {}
-    models: dict[str, nn.Module] = {}
-    for m in methods:
-        model = build_image_model(m, width, substitute_width, encoder, dev)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        model.train()
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
-                              weight_decay=5e-4)
-        steps[m] = TrainStep(model, batch_loss_for(TrainConfig(method=m, at_steps=at_steps)), opt,
-                             amp_dtype=amp_dtype, channels_last=channels_last, device_type=dev.type)
-        models.setdefault("abnn" if m == "abnn" else "resnet18", model)
+    steps, models = _train_steps(methods, width, substitute_width, encoder, at_steps, dev, amp_dtype, channels_last)
     timed = _rounds({m: (lambda s=s: s(x, y)) for m, s in steps.items()}, rounds, warmup, dev, progress, "train")
     res["train"] = {m: {"images_per_s": batch_size / med(w), "ms_per_step": 1000 * med(w), "cpu_ms_per_step": 1000 * med(c)}
                     for m, (w, c) in timed.items()}
@@ -290,50 +349,17 @@ def bench_throughput(*, width: float = 0.25, substitute_width: float = 0.25, bat
     res["inference"] = {k: {"images_per_s": batch_size / med(w), "ms_per_batch": 1000 * med(w)} for k, (w, c) in timed.items()}
 
     # -- attack -----------------------------------------------------------------------------------
-    def ac():
-        return torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-
-    def ours(model: nn.Module):
-        atk = build_attack("pgd", model, eps=eps, alpha=alpha, steps=attack_steps, random_start=True, amp=amp_dtype)
-
-        def run() -> None:
-            atk(x, y)
-        return run
-
-    fns = {k: ours(mdl) for k, mdl in models.items()}
-    theirs_note = None
-    if compare_torchattacks:
-        try:
-            import torchattacks
-        except Exception as exc:  # noqa: BLE001 - optional dependency
-            theirs_note = f"torchattacks not importable ({type(exc).__name__}: {exc}); pip install torchattacks"
-        else:
-            ref = models.get("resnet18") or next(iter(models.values()))
-            ta = torchattacks.PGD(ref, eps=eps, alpha=alpha, steps=attack_steps, random_start=True)
-
-            def theirs() -> None:
-                with ac():
-                    ta(x, y)
-            fns["torchattacks:" + ("resnet18" if "resnet18" in models else next(iter(models)))] = theirs
-            res["torchattacks_version"] = getattr(torchattacks, "__version__", "?")
+    fns, version, skipped = _attack_fns(models, x, y, eps=eps, alpha=alpha, steps=attack_steps, amp_dtype=amp_dtype,
+                                        dev=dev, compare_torchattacks=compare_torchattacks)
+    if version is not None:
+        res["torchattacks_version"] = version
     timed = _rounds(fns, rounds, warmup, dev, progress, "attack")
     res["attack"]["models"] = {
         k: {"seconds_per_call": med(w), "cpu_seconds_per_call": med(c), "images_per_s": batch_size / med(w),
             "pgd_steps_per_s": batch_size * attack_steps / med(w)}
         for k, (w, c) in timed.items()}
     res["attack"] = res.pop("attack")  # report order: train, inference, attack
-    their_key = next((k for k in timed if k.startswith("torchattacks:")), None)
-    if their_key is not None:
-        ours_key = their_key.split(":", 1)[1]
-        (ow, oc), (tw, tc) = timed[ours_key], timed[their_key]
-        res["compare_torchattacks"] = {
-            "model": ours_key, "ours_seconds": med(ow), "torchattacks_seconds": med(tw),
-            "ratio_ours_over_torchattacks": med(ow) / med(tw),
-            "cpu_ratio_ours_over_torchattacks": med(oc) / med(tc) if med(tc) > 0 else None,
-            "per_round_ratio": [a / b for a, b in zip(ow, tw)],
-        }
-    elif theirs_note:
-        res["compare_torchattacks"] = {"skipped": theirs_note}
+    res.update(_torchattacks_comparison(timed, skipped))
     if out:
         write_json_atomic(Path(out), res)
     return res
@@ -363,10 +389,7 @@ def bench_precision(*, width: float = 0.25, substitute_width: float = 0.25, batc
         for mode, dt in dtypes.items():
             torch.manual_seed(seed)  # the same initial weights for every mode
             model = build_image_model(m, width, substitute_width, encoder, dev).train()
-            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
-                                  weight_decay=5e-4)
-            step = TrainStep(model, batch_loss_for(TrainConfig(method=m, at_steps=at_steps)), opt, amp_dtype=dt,
-                             device_type=dev.type)
+            step = _train_step(model, m, at_steps, dev, dt)
             train_fns[(m, label[mode])] = lambda s=step: s(x, y)
             infer_fns[(m, label[mode])] = _inference_fn(model, x, dt, dev)
     timed_train = _rounds(train_fns, rounds, warmup, dev, progress, "train")
@@ -480,6 +503,34 @@ def bench_video_step(*, full: bool = True, batch_sizes: tuple[int, ...] = (1, 2)
     if out:
         write_json_atomic(Path(out), res)
     return res
+
+
+def add_bench_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of ``abnn bench``, one per parameter of :func:`bench_command` (the CLI calls it
+    with them by name); the CLI adds the flags every command has (``--device``, ...)."""
+    p.add_argument("what", choices=("train-cost", "throughput", "video-step"),
+                   help="train-cost: ms per step per method; throughput: images/s and attack steps/s; "
+                        "video-step: video ABNN step time and full-size ResNeXt-101 memory")
+    p.add_argument("--width", type=float, default=None,
+                   help="ResNet-18 width (default 1.0, the paper's, for train-cost; 0.25 for throughput)")
+    p.add_argument("--substitute-width", type=float, default=None,
+                   help="VGG-19-BN width (default 1.0 for train-cost; 0.25 for throughput)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=3, help="timed rounds (default 3)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--at-steps", type=int, default=5, help="PGD-AT attack steps inside training (default 5)")
+    p.add_argument("--encoder", choices=("flatten", "pooled"), default="flatten")
+    p.add_argument("--methods", default=None, help="comma-separated (default standard,abnn,pgd-at)")
+    p.add_argument("--attack-steps", type=int, default=10, help="throughput: PGD steps per attack call (default 10)")
+    p.add_argument("--compare-torchattacks", action="store_true",
+                   help="throughput: also time torchattacks' PGD on the same model and batch, report our/their time ratio")
+    p.add_argument("--amp", choices=AMP_MODES, default="auto",
+                   help="throughput: mixed precision as in `abnn train --amp` (default auto: on for CUDA only)")
+    p.add_argument("--channels-last", action="store_true", help="throughput: channels-last memory format")
+    p.add_argument("--compare-amp", action="store_true",
+                   help="throughput: float32 and --amp bf16 side by side instead (training images/s per method, "
+                        "inference images/s; wall and CPU time); --methods defaults to standard,abnn")
+    p.add_argument("--out", default=None, help="JSON output file")
 
 
 def bench_command(what: str, *, methods: str | None = None, width: float | None = None,

@@ -5,7 +5,9 @@
     abnn evaluate runs/abnn --attack pgd --n-eval 1000
 
 The training flags are built from :class:`~abnn.config.TrainConfig`'s fields
-(:mod:`abnn.flags`).  Every command continues by default (:data:`RESUME_POLICY`);
+(:mod:`abnn.flags`); those of ``evaluate`` and ``bench`` stand beside the settings they fill
+(:func:`~abnn.evaluation.command.add_evaluate_flags`, :func:`~abnn.benchmark.add_bench_flags`).
+Every command continues by default (:data:`RESUME_POLICY`);
 ``--fresh`` starts over.  Every problem the user can fix (missing data, bad checkpoint, bad
 flag value) ends in one ``abnn: error: ...`` line and exit status 2, never a traceback.
 """
@@ -18,9 +20,9 @@ import sys
 from typing import Any, Sequence
 
 from . import __version__
-from .config import AMP_MODES, TrainConfig
+from .config import TrainConfig
 from .errors import AbnnError
-from .flags import Parser, Renamed, add_config_flags, call_with_flags, config_from_args, pixel_budget_type
+from .flags import Parser, Renamed, add_config_flags, call_with_flags, config_from_args
 
 #: the methods ``pretrain-substitute`` offers (the substitute is a plain classifier)
 SUBSTITUTE_METHODS = ("standard", "fast-at", "pgd-at")
@@ -28,6 +30,8 @@ SUBSTITUTE_METHODS = ("standard", "fast-at", "pgd-at")
 RESUME_POLICY = ("Every command continues what the same command left in its output folder when the recorded "
                  "settings match (a training run at its last checkpoint, an evaluation's finished attacks, "
                  "reproduce's finished stages); --fresh starts over.")
+#: what ``add_subparsers`` returns; each ``_add_*`` function below adds one subcommand to it
+Subcommands = argparse._SubParsersAction
 
 
 def _add_common(p: argparse.ArgumentParser, fresh: str | None) -> None:
@@ -53,16 +57,17 @@ def _add_training(p: argparse.ArgumentParser, defaults: TrainConfig, *, target: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .evaluation.command import SUITE_CHOICES, parse_source
-    from .reproduce.command import TABLES
-    from .reproduce.presets import preset_names
-    from .training.methods import METHODS
-
+    """The ``abnn`` parser: one subcommand per ``_add_*`` function below, each with its handler."""
     parser = Parser(prog="abnn", description="Adaptive Batch Normalization Networks: train, attack, evaluate. "
                                               + RESUME_POLICY)
     parser.add_argument("--version", action="version", version=f"abnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_pretrain_substitute, _add_train, _add_evaluate, _add_reproduce, _add_bench):
+        add(sub)
+    return parser
 
+
+def _add_pretrain_substitute(sub: Subcommands) -> None:
     p = sub.add_parser("pretrain-substitute", help="pretrain the VGG-19-BN substitute on tinyimagenet32",
                        description="Pretrain the substitute on a dataset other than the target (METHOD.md s. 3) "
                                    "and report its validation accuracy.")
@@ -71,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "pretraining at eps 8/255 (fast-at, pgd-at): a robust substitute, reused by any number of "
                           "targets. It breaks the paper's 'no adversarial training' premise for the substitute"})
     p.set_defaults(func=cmd_train)
+
+
+def _add_train(sub: Subcommands) -> None:
+    from .training.methods import METHODS
 
     p = sub.add_parser("train", help=f"train a CIFAR-10 model: {', '.join(METHODS)}",
                        description="Train a target on CIFAR-10 with one method. Distributed: `torchrun --standalone "
@@ -85,37 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "one GPU per process); --batch-size must be divisible by K")
     p.set_defaults(func=cmd_train)
 
+
+def _add_evaluate(sub: Subcommands) -> None:
+    from .evaluation.command import add_evaluate_flags
+
     p = sub.add_parser("evaluate", help="clean and robust accuracy of a finished run",
                        description="Evaluate a run folder on the first N test samples under white-box attacks "
                                    "(every attack of the registry: --list-attacks), or run a suite. Budgets eps and "
                                    "alpha count in 1/255 of the pixel range: 8 and 8/255 both mean 8/255.")
-    p.add_argument("run", nargs="?", help="run folder (holds config.json and model.pt)")
-    p.add_argument("--attack", dest="attacks", action="append", default=None, metavar="NAME[:key=value,...]",
-                   help="attack to run, repeatable (default pgd); options override the registry's defaults, e.g. "
-                        "pgd:steps=20,alpha=0.5/255 or apgd-t:n_target_classes=3; with --suite, added to the suite")
-    p.add_argument("--list-attacks", action="store_true", help="list every attack with its defaults and exit")
-    p.add_argument("--attribution", action="store_true",
-                   help="ABNN forensics instead of attacks: split of the input gradient (target path vs substitute "
-                        "statistics/encoder) and the path swap, on the first --n-eval images (JSON: --out, default "
-                        "RUN/forensics.json)")
-    p.add_argument("--n-eval", type=int, default=1000, help="test samples (default 1000)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--eps", type=pixel_budget_type("--eps"), default=None, metavar="K[/255]",
-                   help="the evaluated L-inf radius in 1/255 of the pixel range, e.g. 8 or 8/255 (default 8/255 for "
-                        "images, 1/255 for clips); every attack with an eps takes it unless its spec sets one")
-    p.add_argument("--steps", type=int, default=None, help="steps of every --attack that has steps (default: its own)")
-    p.add_argument("--seed", type=int, default=0, help="run seed; every attack derives its own seed from it and its name")
-    p.add_argument("--out", default=None, help="JSON output (default RUN/eval.json; --suite autoattack: "
-                   "RUN/autoattack.json); with --suite full/quick a folder (default RUN/suite)")
-    p.add_argument("--suite", choices=SUITE_CHOICES, default=None,
-                   help="full/quick: the robustness checklist instead of --attack (all attacks, per-sample worst case, "
-                        "eps/steps sanity curves, gradient-masking flags; 'quick' scales the budgets down for CPU); "
-                        "autoattack: the authors' AutoAttack, standard version (pip install -e '.[autoattack]')")
-    p.add_argument("--source", dest="sources", action="append", type=parse_source, default=None, metavar="[NAME=]RUN",
-                   help="a finished run folder to transfer attacks from (repeatable): the suite transfers from each, "
-                        "--attack transfer:source=NAME from one")
+    add_evaluate_flags(p)
     _add_common(p, "discard the progress of an interrupted evaluation in the output folder (attack-progress.pt)")
     p.set_defaults(func=cmd_evaluate)
+
+
+def _add_reproduce(sub: Subcommands) -> None:
+    from .reproduce.command import TABLES
+    from .reproduce.presets import preset_names
 
     p = sub.add_parser("reproduce", help="reproduce a table of the paper in one command",
                        description="Run a whole table: substitute, every method, evaluation, report.md, results.json, "
@@ -145,36 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, "redo the finished stages")
     p.set_defaults(func=cmd_reproduce)
 
+
+def _add_bench(sub: Subcommands) -> None:
+    from .benchmark import add_bench_flags
+
     p = sub.add_parser("bench", help="benchmarks (training cost, throughput)",
                        description="train-cost: time one training step per method in one process on one batch. "
                                    "throughput: training images/s per method, inference images/s, PGD steps/s "
                                    "(batch x steps / seconds), optionally against torchattacks' PGD.")
-    p.add_argument("what", choices=("train-cost", "throughput", "video-step"),
-                   help="train-cost: ms per step per method; throughput: images/s and attack steps/s; "
-                        "video-step: video ABNN step time and full-size ResNeXt-101 memory")
-    p.add_argument("--width", type=float, default=None,
-                   help="ResNet-18 width (default 1.0, the paper's, for train-cost; 0.25 for throughput)")
-    p.add_argument("--substitute-width", type=float, default=None,
-                   help="VGG-19-BN width (default 1.0 for train-cost; 0.25 for throughput)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=3, help="timed rounds (default 3)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--at-steps", type=int, default=5, help="PGD-AT attack steps inside training (default 5)")
-    p.add_argument("--encoder", choices=("flatten", "pooled"), default="flatten")
-    p.add_argument("--methods", default=None, help="comma-separated (default standard,abnn,pgd-at)")
-    p.add_argument("--attack-steps", type=int, default=10, help="throughput: PGD steps per attack call (default 10)")
-    p.add_argument("--compare-torchattacks", action="store_true",
-                   help="throughput: also time torchattacks' PGD on the same model and batch, report our/their time ratio")
-    p.add_argument("--amp", choices=AMP_MODES, default="auto",
-                   help="throughput: mixed precision as in `abnn train --amp` (default auto: on for CUDA only)")
-    p.add_argument("--channels-last", action="store_true", help="throughput: channels-last memory format")
-    p.add_argument("--compare-amp", action="store_true",
-                   help="throughput: float32 and --amp bf16 side by side instead (training images/s per method, "
-                        "inference images/s; wall and CPU time); --methods defaults to standard,abnn")
-    p.add_argument("--out", default=None, help="JSON output file")
+    add_bench_flags(p)
     _add_common(p, None)
     p.set_defaults(func=cmd_bench)
-    return parser
 
 
 def _device(a: argparse.Namespace) -> str:

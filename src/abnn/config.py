@@ -147,17 +147,9 @@ class TrainConfig:
               "continues at the exact step", metavar="N", **EXECUTION)
 
     def validate(self) -> "TrainConfig":
-        """Refuse, in one line naming the flag, any setting that cannot make a run."""
-        from .data.datasets import DATASETS
-        from .models import MODELS
-        from .training.methods import METHODS
-
-        _choice("method", self.method, tuple(METHODS))
-        _choice("dataset", self.dataset, tuple(DATASETS))
-        _choice("arch", self.arch, tuple(MODELS))
-        if METHODS[self.method].substitute and not self.substitute:
-            raise AbnnError(f"method {self.method} needs a pretrained substitute: --substitute RUN_DIR|WEIGHTS|"
-                            "IMAGENET1K_V1 (make one with `abnn pretrain-substitute`)")
+        """Refuse, in one line naming the flag, any value that cannot make a run.  Which methods,
+        datasets and architectures exist is the registries' to say, above this module:
+        :func:`abnn.training.check_config` checks those choices, then calls this."""
         for name in ("width", "substitute_width", "lr", "at_alpha", "fast_at_alpha"):
             _need(self, name, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
         for name in ("momentum", "weight_decay"):
@@ -173,8 +165,14 @@ class TrainConfig:
             raise AbnnError("--keep-best needs a per-epoch robust accuracy: set --robust-val-size K (e.g. 500)")
         for name, f in _FIELDS.items():
             if "choices" in f.metadata:
-                _choice(name, getattr(self, name), f.metadata["choices"])
+                self.check_choice(name, f.metadata["choices"])
         return self
+
+    def check_choice(self, name: str, options: tuple[str, ...]) -> None:
+        """Refuse, in one line naming the flag, a setting ``name`` that is not one of ``options``."""
+        value = getattr(self, name)
+        if value not in options:
+            raise AbnnError(f"unknown {flag_of(name)} {value!r}; choose one of {', '.join(options)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -196,11 +194,6 @@ class TrainConfig:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError, AbnnError) as exc:
             raise AbnnError(f"cannot read run config {path}: {exc}") from None
-
-
-def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise AbnnError(f"unknown {flag_of(name)} {value!r}; choose one of {', '.join(options)}")
 
 
 def _need(cfg: TrainConfig, name: str, ok: Callable[[Any], bool], requirement: str) -> None:

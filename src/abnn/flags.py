@@ -19,10 +19,10 @@ import inspect
 import sys
 from typing import Any, Callable, Iterator
 
+from .attacks.registry import pixel_budget_type
 from .config import TARGET, TrainConfig, flag_of
 
-__all__ = ["Parser", "Renamed", "add_config_flags", "call_with_flags", "config_from_args", "flag_fields",
-           "pixel_budget_type"]
+__all__ = ["Parser", "Renamed", "add_config_flags", "call_with_flags", "config_from_args", "flag_fields"]
 
 _TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str}
 
@@ -34,24 +34,6 @@ def flag_fields(*, target: bool = True) -> Iterator[dataclasses.Field]:
         if "help" in f.metadata and f.metadata.get("flag", "") is not None and (
                 target or f.metadata.get("scope") != TARGET):
             yield f
-
-
-def pixel_budget_type(what: str, *, positive: bool = False) -> Callable[[str], float]:
-    """An argparse ``type`` for a pixel budget as everywhere (:func:`abnn.attacks.parse_pixel_budget`):
-    ``10`` and ``10/255`` both mean 10/255; a bare value in (0, 1) is refused as ambiguous;
-    ``positive`` also refuses 0."""
-    def parse(text: str) -> float:
-        from .attacks import parse_pixel_budget
-        from .errors import AbnnError
-
-        try:
-            value = parse_pixel_budget(text, what=what)
-        except AbnnError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-        if positive and value == 0:
-            raise argparse.ArgumentTypeError(f"{what} {text!r} is not a positive budget; write it as k/255, e.g. 10/255")
-        return value
-    return parse
 
 
 def _names(text: str) -> list[str]:
@@ -100,10 +82,12 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: TrainConfig, *, 
 
 def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
     """The :class:`TrainConfig` of parsed flags (every field present in ``args`` by name, the
-    rest at their defaults, ``fixed`` on top), validated."""
+    rest at their defaults, ``fixed`` on top), checked (:func:`abnn.training.check_config`)."""
+    from .training.methods import check_config
+
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names}
-    return TrainConfig(**{**given, **fixed}).validate()
+    return check_config(TrainConfig(**{**given, **fixed}))
 
 
 class Parser(argparse.ArgumentParser):

@@ -16,7 +16,7 @@ from .adaptive import StatisticsAttack, Transfer
 from .protocols import ProtocolAttack
 from .registry import (BLACK_BOX, ENSEMBLE, PROTOCOL, REGISTRY, TRANSFER, WHITE_BOX, AttackEntry, AttackSpec, EpsRatio,
                        attack_defaults, build_attack, default_eps, describe_attacks, parse_bool, parse_pixel_budget,
-                       parse_spec, register, resolve_options, unregister)
+                       parse_spec, pixel_budget_type, register, resolve_options, unregister)
 from . import builtin  # noqa: F401  (registers the built-in attacks)
 
 __all__ = ["Attack", "AttackOptionError", "FirstFooled", "InvalidInputError", "UnsupportedModelError", "check_budget",
@@ -26,4 +26,4 @@ __all__ += ["StatisticsAttack", "Transfer", "ProtocolAttack"]
 __all__ += ["REGISTRY", "AttackEntry", "AttackSpec", "EpsRatio", "WHITE_BOX", "BLACK_BOX", "TRANSFER", "ENSEMBLE",
             "PROTOCOL",
             "attack_defaults", "build_attack", "default_eps", "describe_attacks", "parse_bool", "parse_pixel_budget",
-            "parse_spec", "register", "resolve_options", "unregister"]
+            "parse_spec", "pixel_budget_type", "register", "resolve_options", "unregister"]

@@ -21,6 +21,7 @@ spec strings and on the command line they count in 1/255 of the pixel range: ``e
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import math
 from collections.abc import Callable, Mapping
@@ -303,6 +304,21 @@ def parse_pixel_budget(text: str | float, *, what: str = "eps") -> float:
                                 f"8/255); for {raw} of the pixel range write {what} {k * 255:.6g}, for {raw}/255 write "
                                 f"{what} {raw}/255")
     return k / 255
+
+
+def pixel_budget_type(what: str, *, positive: bool = False) -> Callable[[str], float]:
+    """:func:`parse_pixel_budget` as an argparse ``type`` (a flag's error is argparse's one line):
+    ``10`` and ``10/255`` both mean 10/255; a bare value in (0, 1) is refused as ambiguous;
+    ``positive`` also refuses 0."""
+    def parse(text: str) -> float:
+        try:
+            value = parse_pixel_budget(text, what=what)
+        except AttackOptionError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if positive and value == 0:
+            raise argparse.ArgumentTypeError(f"{what} {text!r} is not a positive budget; write it as k/255, e.g. 10/255")
+        return value
+    return parse
 
 
 # ------------------------------------------------------------------------------ --list-attacks

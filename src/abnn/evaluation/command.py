@@ -2,10 +2,13 @@
 
     from abnn.evaluation.command import EvalSettings, evaluate_command
     summary, notes = evaluate_command(EvalSettings("runs/abnn", attacks=("pgd:steps=20",), n_eval=500))
+
+Its flags (:func:`add_evaluate_flags`) stand beside the settings they fill.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -13,7 +16,7 @@ from typing import Any
 
 from ..errors import AbnnError
 
-__all__ = ["EvalSettings", "evaluate_command", "parse_source"]
+__all__ = ["EvalSettings", "add_evaluate_flags", "evaluate_command", "parse_source"]
 
 #: ``--suite`` values: the checklist (full, quick) or the authors' AutoAttack
 SUITE_CHOICES = ("full", "quick", "autoattack")
@@ -80,6 +83,39 @@ class EvalSettings:
             return specs
         return [s if "steps" in s.options or "steps" not in attack_defaults(s.name, attack=s.options.get("attack"))
                 else replace(s, options={**s.options, "steps": self.steps}) for s in specs]
+
+
+def add_evaluate_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of ``abnn evaluate``: one per :class:`EvalSettings` field, its destination the
+    field's name (the CLI builds the settings from them by name), and ``--list-attacks``; the
+    CLI adds the flags every command has (``--data-root``, ``--device``, ``--fresh``, ...)."""
+    from ..attacks import pixel_budget_type
+
+    p.add_argument("run", nargs="?", help="run folder (holds config.json and model.pt)")
+    p.add_argument("--attack", dest="attacks", action="append", default=None, metavar="NAME[:key=value,...]",
+                   help="attack to run, repeatable (default pgd); options override the registry's defaults, e.g. "
+                        "pgd:steps=20,alpha=0.5/255 or apgd-t:n_target_classes=3; with --suite, added to the suite")
+    p.add_argument("--list-attacks", action="store_true", help="list every attack with its defaults and exit")
+    p.add_argument("--attribution", action="store_true",
+                   help="ABNN forensics instead of attacks: split of the input gradient (target path vs substitute "
+                        "statistics/encoder) and the path swap, on the first --n-eval images (JSON: --out, default "
+                        "RUN/forensics.json)")
+    p.add_argument("--n-eval", type=int, default=1000, help="test samples (default 1000)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--eps", type=pixel_budget_type("--eps"), default=None, metavar="K[/255]",
+                   help="the evaluated L-inf radius in 1/255 of the pixel range, e.g. 8 or 8/255 (default 8/255 for "
+                        "images, 1/255 for clips); every attack with an eps takes it unless its spec sets one")
+    p.add_argument("--steps", type=int, default=None, help="steps of every --attack that has steps (default: its own)")
+    p.add_argument("--seed", type=int, default=0, help="run seed; every attack derives its own seed from it and its name")
+    p.add_argument("--out", default=None, help="JSON output (default RUN/eval.json; --suite autoattack: "
+                   "RUN/autoattack.json); with --suite full/quick a folder (default RUN/suite)")
+    p.add_argument("--suite", choices=SUITE_CHOICES, default=None,
+                   help="full/quick: the robustness checklist instead of --attack (all attacks, per-sample worst case, "
+                        "eps/steps sanity curves, gradient-masking flags; 'quick' scales the budgets down for CPU); "
+                        "autoattack: the authors' AutoAttack, standard version (pip install -e '.[autoattack]')")
+    p.add_argument("--source", dest="sources", action="append", type=parse_source, default=None, metavar="[NAME=]RUN",
+                   help="a finished run folder to transfer attacks from (repeatable): the suite transfers from each, "
+                        "--attack transfer:source=NAME from one")
 
 
 def evaluate_command(s: EvalSettings) -> tuple[dict[str, Any], list[str]]:

@@ -33,8 +33,9 @@ from ..config import TrainConfig, run_identity, write_json_atomic
 from ..evaluation.results import EvalResult
 from ..runs import read_json, run_lock
 from ..training.loop import software_versions
+from ..training.methods import paper_row
 from .frontier import frontier_points, study_settings
-from .presets import PAPER_TABLE1, Table1Preset
+from .presets import Table1Preset
 from .schedule import Stage
 from .stages import (STUDY_LOCK_WAIT, TrainPoint, cached_evaluation, job_attribution, log, place, record_evaluation,
                      schedule, train_stages)
@@ -45,7 +46,7 @@ PROTOCOLS = ("pgd-target-only", "pgd-no-encoder-grad", "pgd-no-stats-grad", "pgd
              "pgd-typeA-detach")
 FORENSICS_FILE = "forensics_eval.json"
 #: the paper's ABNN under PGD-5 (Table 1), for comparison only
-PAPER_PGD = PAPER_TABLE1["abnn"]["pgd"] / 100
+PAPER_PGD = paper_row("abnn", "table1").pgd / 100
 LABELS = {"abnn": "ABNN (Table 1, tinyimagenet32 substitute)",
           "abnn:cifar10-resnet20": "ABNN, in-domain ResNet-20 substitute (breaks the premise)",
           "abnn:batch": "ABNN, batch statistics (the authors' choice)"}

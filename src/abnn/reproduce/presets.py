@@ -11,30 +11,7 @@ from dataclasses import dataclass
 
 from ..config import TrainConfig
 from ..errors import AbnnError
-from ..training.methods import get_method
-
-#: The paper's Table 1 (CIFAR-10, PGD, %), for comparison only (METHOD.md s. 6).
-PAPER_TABLE1 = {
-    "standard": {"name": "No defense", "clean": 93.4, "pgd": 0.0, "cost": "2N"},
-    "pgd-at": {"name": "PGD-AT", "clean": 83.3, "pgd": 51.6, "cost": "12N"},
-    "abnn": {"name": "ABNN", "clean": 87.5, "pgd": 31.5, "cost": "3N"},
-}
-
-#: Tables 2 (PGD) and 3 (ROA), UCF-101 (%), for comparison only.
-PAPER_VIDEO = {
-    "standard": {"name": "No defense", "clean": 93.0, "pgd": 0.0, "roa": 7.0, "cost": "2N"},
-    "oudefend": {"name": "OUDefend", "clean": 62.0, "pgd": 58.6, "roa": 13.6, "cost": "24N"},
-    "abnn": {"name": "ABNN", "clean": 68.3, "pgd": 43.4, "roa": 24.4, "cost": "3N"},
-}
-
-#: a method the paper does not report (Fast-AT): its paper columns stay empty
-NOT_IN_PAPER = {"clean": None, "pgd": None, "cost": None}
-
-
-def paper_table1(method: str) -> dict:
-    """The paper's Table 1 entry of ``method``, or empty columns for a method it does not report."""
-    return PAPER_TABLE1.get(method, {"name": get_method(method).display, **NOT_IN_PAPER})
-
+from ..training.methods import check_config, get_method
 
 @dataclass(frozen=True)
 class Table1Preset:
@@ -73,7 +50,7 @@ class Table1Preset:
 
     def validate(self) -> "Table1Preset":
         """Refuse, in one line naming the ``--set`` key, any value the pipeline cannot run, before
-        any stage starts: the training settings through :meth:`TrainConfig.validate`, the
+        any stage starts: the training settings through :func:`~abnn.training.check_config`, the
         evaluation settings here.  Its pipeline trains and evaluates CIFAR-10 only."""
         if self.dataset != "cifar10":
             raise AbnnError(f"--set dataset={self.dataset}: the Table 1 pipeline trains and evaluates CIFAR-10 only "
@@ -81,9 +58,9 @@ class Table1Preset:
         _check_methods(self.methods, ("standard", "pgd-at", "abnn", "fast-at"))
         _check_counts(self, ("n_eval", "eval_batch_size", "roa_stride", "n_examples"))
         if self.substitute_source == "pretrain":
-            self.substitute_config().validate()
+            check_config(self.substitute_config())
         for method in self.methods:
-            self.method_config(method, "random").validate()
+            check_config(self.method_config(method, "random"))
         return self
 
     def substitute_config(self) -> TrainConfig:
@@ -201,7 +178,7 @@ class VideoPreset:
         _check_methods(self.methods, ("standard", "oudefend", "abnn"))
         _check_counts(self, ("n_eval", "eval_batch_size", "n_examples"))
         for method in self.methods:
-            self.method_config(method).validate()
+            check_config(self.method_config(method))
         return self
 
     def method_config(self, method: str) -> TrainConfig:

@@ -22,8 +22,8 @@ from ..files import ensure_writable
 from ..runs import DOWNLOADABLE, load_run
 from ..training.checkpoint import save_atomic
 from ..training.loop import software_versions
-from ..training.methods import get_method
-from .presets import Table1Preset, paper_table1
+from ..training.methods import get_method, paper_row
+from .presets import Table1Preset
 from .stages import TableEval, TrainPoint, eval_data, log, schedule, train_and_eval_stages
 
 
@@ -66,8 +66,20 @@ def make_examples(out: Path, preset, data_root: str | None, device: str, *, forc
     return path
 
 
-def table_record(method: str, cfg: TrainConfig, tr: dict, ev: EvalResult, paper: dict) -> dict:
-    """One RobustBench-like results record of a trained and evaluated method."""
+def paper_columns(method: str, table: str) -> dict:
+    """The paper's columns of ``method`` in ``table`` ("table1", "video") as a record holds them:
+    its name, clean, PGD (and ROA where the table has it) and cost; empty columns (None) for a
+    method the paper does not report (Fast-AT)."""
+    row = paper_row(method, table)
+    if row is None:
+        return {"name": get_method(method).display, "clean": None, "pgd": None, "cost": None}
+    roa = {"roa": row.roa} if row.roa is not None else {}
+    return {"name": get_method(method).display, "clean": row.clean, "pgd": row.pgd, **roa, "cost": row.cost}
+
+
+def table_record(method: str, cfg: TrainConfig, tr: dict, ev: EvalResult, table: str) -> dict:
+    """One RobustBench-like results record of a trained and evaluated method, with its row in
+    the paper's ``table`` (:func:`paper_columns`)."""
     rec = {
         "method": method, "name": get_method(method).display, "dataset": cfg.dataset, "architecture": cfg.arch,
         "width": cfg.width, "epochs": cfg.epochs, "train_size": tr["train_size"], "batch_size": cfg.batch_size,
@@ -77,7 +89,7 @@ def table_record(method: str, cfg: TrainConfig, tr: dict, ev: EvalResult, paper:
         "cost_N_per_step": tr["cost_N_per_step"], "cost_counts": tr["cost"]["per_network"],
         "train_seconds": tr["train_seconds"], "seconds_per_step": tr["seconds_per_step"],
         "threads": tr.get("threads"), "device": tr.get("device"), "seed": cfg.seed,
-        "versions": software_versions(), "paper": paper,
+        "versions": software_versions(), "paper": paper_columns(method, table),
     }
     if "skipped_videos" in tr:
         rec["skipped_videos"] = tr["skipped_videos"]
@@ -149,7 +161,7 @@ def run_table1(preset: Table1Preset, out: str | Path, *, data_root: str | None =
     sub = substitute_info(preset, results)
     records = []
     for p in models:
-        rec = table_record(p.name, p.cfg, results[p.name], results[f"eval:{p.name}"], paper_table1(p.name))
+        rec = table_record(p.name, p.cfg, results[p.name], results[f"eval:{p.name}"], "table1")
         if p.name == "abnn":
             rec["substitute"].update({k: v for k, v in sub.items() if k != "source"})
         records.append(rec)

@@ -14,7 +14,7 @@ import torch
 
 from ..config import write_json_atomic
 from ..files import ensure_writable
-from .presets import PAPER_VIDEO, VideoPreset
+from .presets import VideoPreset
 from .stages import TableEval, TrainPoint, log, schedule, train_and_eval_stages
 from .table1 import make_examples, table_record
 
@@ -46,8 +46,7 @@ def run_video_tables(preset: VideoPreset, out: str | Path, *, data_root: str | N
     stages, done = train_and_eval_stages(points, points, TableEval.of(preset), data_root, device, force=force)
     results, _, _ = schedule("video", stages, done, jobs=jobs, threads=threads or torch.get_num_threads(),
                              progress=progress)
-    records = [table_record(p.name, p.cfg, results[p.name], results[f"eval:{p.name}"], PAPER_VIDEO[p.name])
-               for p in points]
+    records = [table_record(p.name, p.cfg, results[p.name], results[f"eval:{p.name}"], "video") for p in points]
     examples = make_examples(out, preset, data_root, device, force=force)
     summary = {"preset": preset.to_dict(), "records": records, "command": command,
                "pipeline_seconds_this_call": time.perf_counter() - t_start}

@@ -28,6 +28,7 @@ from ..config import TrainConfig
 from ..errors import AbnnError
 from ..runs import resolve_config, run_lock
 from .distributed import barrier, init_distributed, shutdown
+from .methods import check_config
 from .results import TrainResult
 from .step import TrainStep, resolve_amp, resolve_device
 from .trainer import Trainer, step_budget
@@ -77,7 +78,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool | None = None, 
     non-finite loss stops the run (:class:`~abnn.errors.DivergedError`) before any checkpoint
     or ``model.pt`` holds diverged weights.
     """
-    cfg.validate()
+    check_config(cfg)
     if max_steps is not None and max_steps < 1:
         raise AbnnError(f"--max-steps must be >= 1, got {max_steps}")
     ctx, device = init_distributed(resolve_device(cfg.device))

@@ -11,13 +11,15 @@ the passes, the expectation is what a test compares them with).
     from abnn.training.methods import register, Method   # a new method is one entry
 
 A new method is one :func:`register` call; it is then a choice of ``abnn train --method``, of
-``TrainConfig.method`` and of every reproduce table that names it.
+``TrainConfig.method`` and of every reproduce table that names it.  An entry also carries the
+method's rows in the paper's tables (:class:`PaperRow`, :func:`paper_row`), which the reproduce
+reports print beside the measured numbers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +27,12 @@ from torch import Tensor, nn
 
 from ..attacks import PGD
 from ..config import TrainConfig
+from ..errors import AbnnError
 from .distributed import unwrap
 
-__all__ = ["METHODS", "BatchLoss", "Method", "batch_loss_for", "clean_loss", "describe_methods", "fast_at_loss",
-           "fgsm_rs_example", "get_method", "pgd_at_loss", "register"]
+__all__ = ["METHODS", "PAPER_TABLES", "BatchLoss", "Method", "PaperRow", "batch_loss_for", "check_config",
+           "clean_loss", "describe_methods", "fast_at_loss", "fgsm_rs_example", "get_method", "paper_row",
+           "pgd_at_loss", "register"]
 
 BatchLoss = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]
 
@@ -90,6 +94,24 @@ def fgsm_rs_example(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, alpha
     (grad,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
     return torch.minimum(torch.maximum(x_adv.detach() + alpha * grad.sign(), x - eps), x + eps).clamp_(0, 1)
 
+
+#: the paper's tables a method may have a row in: Table 1 (CIFAR-10, PGD) and the video tables
+#: (UCF-101: Table 2, PGD; Table 3, ROA)
+PAPER_TABLES = ("table1", "video")
+
+
+@dataclass(frozen=True)
+class PaperRow:
+    """A method's row in one of the paper's tables, for comparison only (METHOD.md s. 6):
+    accuracies in %, the training cost per step as the paper prints it ("12N"), and ROA where
+    the table has it (the paper reports no ROA on CIFAR-10)."""
+
+    clean: float
+    pgd: float
+    cost: str
+    roa: float | None = None
+
+
 @dataclass(frozen=True)
 class Method:
     """One training method.
@@ -103,6 +125,8 @@ class Method:
         cost: ``cost(cfg) -> N per step`` the pass counter should show (one network pass over
             the batch = 1N; METHOD.md s. 5).
         substitute: whether the method needs a pretrained substitute (``--substitute``).
+        paper: the method's rows in the paper's tables by table (:data:`PAPER_TABLES`); none
+            for a method the paper does not report (Fast-AT).
     """
 
     name: str
@@ -112,6 +136,7 @@ class Method:
     model: str = "plain"
     cost: Callable[[TrainConfig], float] = lambda cfg: 2.0
     substitute: bool = False
+    paper: Mapping[str, PaperRow] = field(default_factory=dict, hash=False)
 
 
 METHODS: dict[str, Method] = {}
@@ -123,16 +148,40 @@ def register(method: Method, *, replace: bool = False) -> Method:
         raise ValueError(f"method {method.name!r} is registered already; pass replace=True to replace it")
     if method.model not in MODEL_KINDS:
         raise ValueError(f"method {method.name!r}: model must be one of {', '.join(MODEL_KINDS)}, got {method.model!r}")
+    if set(method.paper) - set(PAPER_TABLES):
+        raise ValueError(f"method {method.name!r}: paper rows are for the tables {', '.join(PAPER_TABLES)}, got "
+                         f"{', '.join(method.paper)}")
     METHODS[method.name] = method
     return method
 
 
 def get_method(name: str) -> Method:
-    from ..errors import AbnnError
-
     if name not in METHODS:
         raise AbnnError(f"unknown --method {name!r}; choose one of {', '.join(METHODS)} (abnn train --list-methods)")
     return METHODS[name]
+
+
+def paper_row(method: str, table: str) -> PaperRow | None:
+    """The row of ``method`` in the paper's ``table`` (one of :data:`PAPER_TABLES`), or None where
+    the paper does not report it."""
+    return get_method(method).paper.get(table)
+
+
+def check_config(cfg: TrainConfig) -> TrainConfig:
+    """``cfg``, checked before anything runs: its method, dataset and architecture are entries of
+    the registries (:data:`METHODS`, :data:`abnn.data.datasets.DATASETS`, :data:`abnn.models.MODELS`),
+    a method that needs a substitute has one, and :meth:`TrainConfig.validate` accepts its values;
+    else one line naming the flag."""
+    from ..data.datasets import DATASETS
+    from ..models import MODELS
+
+    cfg.check_choice("method", tuple(METHODS))
+    cfg.check_choice("dataset", tuple(DATASETS))
+    cfg.check_choice("arch", tuple(MODELS))
+    if METHODS[cfg.method].substitute and not cfg.substitute:
+        raise AbnnError(f"method {cfg.method} needs a pretrained substitute: --substitute RUN_DIR|WEIGHTS|"
+                        "IMAGENET1K_V1 (make one with `abnn pretrain-substitute`)")
+    return cfg.validate()
 
 
 def batch_loss_for(cfg: TrainConfig) -> BatchLoss:
@@ -154,15 +203,18 @@ def _pgd_at(cfg: TrainConfig) -> BatchLoss:
 
 
 for _m in (
-    Method("standard", "No defense", "cross-entropy on clean data", lambda cfg: clean_loss),
+    Method("standard", "No defense", "cross-entropy on clean data", lambda cfg: clean_loss,
+           paper={"table1": PaperRow(93.4, 0.0, "2N"), "video": PaperRow(93.0, 0.0, "2N", roa=7.0)}),
     Method("abnn", "ABNN", "clean data; target with adaptive BN (eq. 2) beside a frozen substitute (Lo & Patel)",
-           lambda cfg: clean_loss, model="abnn", cost=lambda cfg: 3.0, substitute=True),
+           lambda cfg: clean_loss, model="abnn", cost=lambda cfg: 3.0, substitute=True,
+           paper={"table1": PaperRow(87.5, 31.5, "3N"), "video": PaperRow(68.3, 43.4, "3N", roa=24.4)}),
     Method("pgd-at", "PGD-AT", "PGD adversarial training, t_max = --at-steps (Madry et al., ICLR 2018)", _pgd_at,
-           cost=lambda cfg: 2.0 * (cfg.at_steps + 1)),
+           cost=lambda cfg: 2.0 * (cfg.at_steps + 1), paper={"table1": PaperRow(83.3, 51.6, "12N")}),
     Method("fast-at", "Fast-AT", "FGSM from a random start (Wong, Rice & Kolter, ICLR 2020)",
            lambda cfg: fast_at_loss(cfg.at_eps, cfg.fast_at_alpha), cost=lambda cfg: 4.0),
     Method("oudefend", "OUDefend", "PGD-AT of a target with a feature-restoration block (paper eq. 6)", _pgd_at,
-           model="oudefend", cost=lambda cfg: 4.0 * (cfg.at_steps + 1)),
+           model="oudefend", cost=lambda cfg: 4.0 * (cfg.at_steps + 1),
+           paper={"video": PaperRow(62.0, 58.6, "24N", roa=13.6)}),
     Method("probe", "Probe", "clean data; a small head on a frozen substitute's pooled last tap (the "
            "robust-substitute study's control)", lambda cfg: clean_loss, model="probe", cost=lambda cfg: 3.0,
            substitute=True),
