@@ -134,7 +134,7 @@ def _add_reproduce(sub: Subcommands) -> None:
                    help="robust-substitute / forensics: reuse the finished models of this `reproduce studies` run when "
                         "their settings match (default out/studies-<preset> when it exists)")
     p.add_argument("--jobs", type=int, default=None,
-                   help="table1: independent stages run at once, each in its own process (default: as many as the "
+                   help="independent stages run at once, each in its own process (default: as many as the "
                         "cores allow; --threads then sets the torch threads per stage, default cores / jobs)")
     _add_common(p, "redo the finished stages")
     p.set_defaults(func=cmd_reproduce)
