@@ -69,6 +69,13 @@ def fake_data_root(tmp_path) -> Path:
     return write_fake_npz(tmp_path / "data")
 
 
+@pytest.fixture
+def study_data_root(tmp_path) -> Path:
+    """The real data when present (as in CI), else fake npz files large enough for the smoke
+    preset: 256 training images, 64 validation + 32 robust-validation images, 48 test images."""
+    return shared_data_root() or write_fake_npz(tmp_path / "data", n_train=256, n_test=128, n_tiny=256)
+
+
 def record(clean: str, rows: dict[str, str], *, spec: dict | None = None, eps: float = 8 / 255):
     """An evaluation record made by hand: per-sample masks as "0"/"1" strings (clean, and each
     L-inf attack's robust mask at ``eps``)."""

@@ -15,12 +15,12 @@ from abnn.probe import Probe
 from abnn.runs import build_model_from_config, resolve_config
 from abnn.training import train
 from abnn.training.methods import batch_loss_for
-from conftest import record, shared_data_root
+from conftest import record
 
 
 @pytest.fixture
-def root(fake_data_root):
-    return shared_data_root() or fake_data_root  # real data when present (as in CI), else fake npz files
+def root(study_data_root):
+    return study_data_root
 
 
 def _pretrain(out, root, *extra):

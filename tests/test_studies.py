@@ -6,12 +6,12 @@ import json
 import pytest
 
 from abnn.cli import main
-from conftest import REPO, shared_data_root
+from conftest import REPO
 
 
 @pytest.fixture
-def root(fake_data_root):
-    return shared_data_root() or fake_data_root  # real data when present (as in CI), else fake npz files
+def root(study_data_root):
+    return study_data_root
 
 
 def test_frontier_smoke_end_to_end(tmp_path, root, capfd):
