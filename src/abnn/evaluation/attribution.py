@@ -255,7 +255,7 @@ def forensics_run(run_dir: str | Any, *, n_eval: int = 1000, batch_size: int = 2
         raise UnsupportedModelError(f"forensics need an ABNN run; {run_dir} is a {cfg.method} run")
     data = load_dataset(cfg.dataset, "test", data_root or cfg.data_root, frames=cfg.frames).subset(n_eval)
     x, y = as_tensors(data, n_eval)
-    res = {"run": str(run_dir), "dataset": cfg.dataset, "seed": seed, "batch_size": batch_size, **forensics(model, x, y, batch_size=batch_size,
-                                                                                   seed=seed)}
+    res = {"run": str(run_dir), "dataset": cfg.dataset, "seed": seed, "batch_size": batch_size,
+           **forensics(model, x, y, batch_size=batch_size, seed=seed)}
     write_json_atomic(Path(out) if out is not None else Path(run_dir) / "forensics.json", res)
     return res

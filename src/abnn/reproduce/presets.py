@@ -13,6 +13,7 @@ from ..config import TrainConfig
 from ..errors import AbnnError
 from ..training.methods import check_config, get_method
 
+
 @dataclass(frozen=True)
 class Table1Preset:
     name: str
